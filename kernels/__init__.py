@@ -1,0 +1,20 @@
+"""Sparse SHiRA math: pure functions over tensors, each next to its dense reference.
+
+Installed as ``shira_dist.kernels``. Modules only decide which tensors to pass;
+everything numerical lives here.
+"""
+
+from .layout import CsrLayout, build_csr_layout, flat_index
+from .merge import scatter_merge_, scatter_merge_reference, scatter_restore_
+from .sparse_delta import delta_matmul_reference, sparse_delta_matmul
+
+__all__ = [
+    "CsrLayout",
+    "build_csr_layout",
+    "flat_index",
+    "scatter_merge_",
+    "scatter_merge_reference",
+    "scatter_restore_",
+    "sparse_delta_matmul",
+    "delta_matmul_reference",
+]

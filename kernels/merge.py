@@ -1,0 +1,48 @@
+"""Scatter-add merge and exact restore of SHiRA deltas into a dense weight.
+
+merge:   W[idx] = W0[idx] + scale * values      (returns W0[idx] for the restore)
+restore: W[idx] = W0[idx]                        (bit-exact: no subtraction)
+
+All functions work in place on ``weight: (out, in)`` and touch only the nnz entries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _rows_cols(indices: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    return indices[0].to(device=device, dtype=torch.long), indices[1].to(device=device, dtype=torch.long)
+
+
+@torch.no_grad()
+def scatter_merge_(
+    weight: Tensor, indices: Tensor, values: Tensor, scale: float, check_finite: bool = False
+) -> Tensor:
+    """Write ``W0[idx] + scale*values`` at ``indices``; return the saved ``W0[idx]``.
+
+    weight: (out, in); indices: (2, nnz) int; values: (nnz,). With ``check_finite`` a
+    non-finite result raises ``ValueError`` before anything is written.
+    """
+    rows, cols = _rows_cols(indices, weight.device)
+    originals = weight[rows, cols].clone()
+    merged = (originals.float() + scale * values.detach().to(weight.device).float()).to(weight.dtype)
+    if check_finite and not torch.isfinite(merged).all():
+        raise ValueError("safe_merge: merging gives non-finite weights (NaN or inf); the weight is left untouched")
+    weight.index_put_((rows, cols), merged)
+    return originals
+
+
+@torch.no_grad()
+def scatter_restore_(weight: Tensor, indices: Tensor, originals: Tensor) -> None:
+    """Put back the entries saved by :func:`scatter_merge_`, bit-exactly."""
+    rows, cols = _rows_cols(indices, weight.device)
+    weight.index_put_((rows, cols), originals.to(weight.device))
+
+
+def scatter_merge_reference(weight: Tensor, indices: Tensor, values: Tensor, scale: float) -> Tensor:
+    """Dense reference: ``W + scale * dense(S)`` as a new tensor (for tests)."""
+    delta = torch.zeros_like(weight, dtype=torch.float64)
+    delta[indices[0].long(), indices[1].long()] = values.double() * scale
+    return (weight.double() + delta).to(weight.dtype)

@@ -1,0 +1,18 @@
+"""shira_dist: Sparse High Rank Adapters with PEFT's API, built for sharded training."""
+
+from .config import ShiraConfig
+from .layer import ShiraLayer, ShiraLinear
+from .masks import random_mask
+from .model import PeftModel, ShiraModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ShiraConfig",
+    "ShiraLayer",
+    "ShiraLinear",
+    "ShiraModel",
+    "PeftModel",
+    "get_peft_model",
+    "random_mask",
+]

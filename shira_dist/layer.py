@@ -1,0 +1,246 @@
+"""The SHiRA linear layer: a frozen nn.Linear plus sparse trainable entries of its weight.
+
+    x ──► base_layer (W0, frozen; its hooks fire) ───────────────┐
+    │                                                             (+) ──► y
+    └──► Σ_active  x @ (scale_a · S_a)^T   (sparse, no dense S) ──┘
+
+    S_a: (out, in) with r*(in+out) non-zeros at shira_indices[a], values shira_weight[a]
+
+Merging writes ``W0[idx] + scale·values`` into the base weight at the indices only and
+keeps ``W0[idx]``, so unmerging restores the weight bit-exactly. State is registered:
+values are parameters, indices are buffers, so ``state_dict()`` and ``.to()`` see them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import CsrLayout, build_csr_layout, scatter_merge_, scatter_restore_, sparse_delta_matmul
+from .masks import mask_to_indices, shira_budget, validate_indices
+
+
+class BufferDict(nn.Module):
+    """A name -> tensor mapping stored as registered buffers (moves with ``.to()``)."""
+
+    def __init__(self, persistent: bool = True) -> None:
+        super().__init__()
+        self._persistent = persistent
+
+    def __setitem__(self, key: str, value: Tensor) -> None:
+        self.register_buffer(key, value, persistent=self._persistent)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._buffers[key]
+
+    def __delitem__(self, key: str) -> None:
+        del self._buffers[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buffers
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def keys(self):
+        return self._buffers.keys()
+
+    def items(self):
+        return self._buffers.items()
+
+
+class ShiraLinear(nn.Module):
+    """SHiRA adapter around an ``nn.Linear`` (PEFT's ``peft.tuners.shira.Linear``).
+
+    Args:
+        base_layer: the frozen linear layer, weight (out, in).
+        mask: (out, in) 0/1 dense or sparse-COO mask with r*(in+out) ones, or None when
+            ``indices`` is given (e.g. when loading a checkpoint).
+        adapter_name: name of the first adapter.
+        r: budget factor.
+        fan_in_fan_out: must be False for nn.Linear (kept for PEFT's signature).
+        init_weights: zeros (True) or randn (False) initial values.
+        indices: (2, nnz) int stored pattern, instead of ``mask``.
+        layer_name: module path, used in error messages.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        mask: Optional[Tensor],
+        adapter_name: str,
+        r: int = 0,
+        fan_in_fan_out: bool = False,
+        init_weights: bool = True,
+        indices: Optional[Tensor] = None,
+        layer_name: str = "",
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(
+                f"{layer_name or 'target'}: {type(base_layer).__name__} is not supported; "
+                "SHiRA supports torch.nn.Linear only"
+            )
+        if fan_in_fan_out:
+            warnings.warn(f"{layer_name}: fan_in_fan_out=True does not apply to torch.nn.Linear; using False")
+        self.base_layer = base_layer
+        self.layer_name = layer_name or type(base_layer).__name__
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.fan_in_fan_out = False
+        self.shira_weight = nn.ParameterDict()
+        self.shira_indices = BufferDict(persistent=True)
+        self._merged_originals = BufferDict(persistent=False)  # W0[idx] of merged adapters
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self._active_adapters: list[str] = [adapter_name]
+        self._disable_adapters = False
+        self._layouts: dict[str, tuple[tuple, CsrLayout]] = {}
+        self.update_layer(adapter_name, mask, r, init_weights=init_weights, indices=indices)
+
+    # ---- adapters -------------------------------------------------------------------
+    def update_layer(
+        self,
+        adapter_name: str,
+        mask: Optional[Tensor],
+        r: int,
+        init_weights: bool = True,
+        indices: Optional[Tensor] = None,
+    ) -> None:
+        """Add adapter ``adapter_name`` with the pattern of ``mask`` (or stored ``indices``)."""
+        where = f"{self.layer_name} ({self.out_features}x{self.in_features})"
+        nnz = shira_budget(self.out_features, self.in_features, r, where=self.layer_name)
+        weight = self.base_layer.weight
+        shape = (self.out_features, self.in_features)
+        if (mask is None) == (indices is None):
+            raise ValueError(f"{where}: give exactly one of mask or indices for adapter {adapter_name!r}")
+        if mask is not None:
+            idx = mask_to_indices(mask, shape, nnz, where)
+        else:
+            validate_indices(indices, shape, where)
+            if indices.shape[1] != nnz:
+                raise ValueError(f"{where}: adapter {adapter_name!r} has {indices.shape[1]} indices, "
+                                 f"expected r*(in+out)={nnz} for r={r}")
+            idx = indices.to(torch.int32)
+        device = weight.device if weight.device.type != "meta" else idx.device
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        init = torch.zeros(nnz, dtype=dtype, device=device) if init_weights else torch.randn(nnz, device=device).to(dtype)
+        self.shira_weight[adapter_name] = nn.Parameter(init, requires_grad=adapter_name in self._active_adapters)
+        self.shira_indices[adapter_name] = idx.to(device).contiguous()
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = 1.0
+        self._layouts.pop(adapter_name, None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known(adapter_name)
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{self.layer_name}: adapter {adapter_name!r} is merged; unmerge it before deleting")
+        del self.shira_weight[adapter_name]
+        del self.shira_indices[adapter_name]
+        for d in (self.r, self.scaling, self._layouts):
+            d.pop(adapter_name, None)
+        self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
+
+    def _check_known(self, adapter_name: str) -> None:
+        if adapter_name not in self.shira_weight:
+            raise KeyError(f"{self.layer_name}: unknown adapter {adapter_name!r}; have {list(self.shira_weight)}")
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapters[0]
+
+    def set_adapter(self, adapter_names: str | Iterable[str], trainable: bool = True) -> None:
+        """Activate adapters present in this layer; active ones train (if ``trainable``), others freeze."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapters = names
+        for name, p in self.shira_weight.items():
+            p.requires_grad_(trainable and name in names)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        self._check_known(adapter)
+        if adapter in self.merged_adapters:
+            raise ValueError(f"{self.layer_name}: adapter {adapter!r} is merged; unmerge before changing its scale")
+        self.scaling[adapter] = float(scale)
+
+    # ---- math -------------------------------------------------------------------------
+    def _layout(self, adapter: str) -> CsrLayout:
+        idx = self.shira_indices[adapter]
+        key = (idx.data_ptr(), idx.device, idx._version)
+        cached = self._layouts.get(adapter)
+        if cached is None or cached[0] != key:
+            cached = (key, build_csr_layout(idx, (self.out_features, self.in_features)))
+            self._layouts[adapter] = cached
+        return cached[1]
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """The adapter's scaled delta as a coalesced sparse COO tensor (out, in), nnz = r*(in+out)."""
+        self._check_known(adapter)
+        idx = self.shira_indices[adapter].long()
+        vals = self.shira_weight[adapter] * self.scaling[adapter]
+        return torch.sparse_coo_tensor(idx, vals, (self.out_features, self.in_features)).coalesce()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._disable_adapters and self.merged:
+            self.unmerge()
+        y = self.base_layer(x)
+        if self._disable_adapters:
+            return y
+        for name in self._active_adapters:
+            if name not in self.shira_weight or name in self.merged_adapters:
+                continue
+            delta = sparse_delta_matmul(x, self.shira_weight[name], self._layout(name), self.scaling[name])
+            y = y + delta.to(y.dtype)
+        return y
+
+    # ---- merge ------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write active (or named) adapters into the base weight at their indices only."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in self.shira_weight:
+                if adapter_names is not None:
+                    self._check_known(name)
+                continue
+            if name in self.merged_adapters:
+                warnings.warn(f"{self.layer_name}: adapter {name!r} is already merged; nothing to do")
+                continue
+            originals = scatter_merge_(
+                self.base_layer.weight.data, self.shira_indices[name], self.shira_weight[name],
+                self.scaling[name], check_finite=safe_merge,
+            )
+            self._merged_originals[name] = originals
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weight bit-exactly (last merged first)."""
+        if not self.merged:
+            warnings.warn(f"{self.layer_name}: already unmerged; nothing to do")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            scatter_restore_(self.base_layer.weight.data, self.shira_indices[name], self._merged_originals[name])
+            del self._merged_originals[name]
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.shira_weight)}, r={self.r}, active={self._active_adapters}, merged={self.merged_adapters}"
+
+
+ShiraLayer = ShiraLinear  # PEFT's layer name

@@ -1,0 +1,319 @@
+"""ShiraModel: injects SHiRA layers into a model and manages adapters (PEFT's API).
+
+``get_peft_model(model, config)`` wraps ``model``; ``model.base_model.model.<path>``
+reaches the original modules, anything else falls through to the wrapped model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .config import ShiraConfig
+from .layer import ShiraLinear
+from .masks import MASK_FUNCTIONS, layer_seed
+from .modules_to_save import ModulesToSave
+from .targeting import find_modules_to_save, find_targets, get_submodule_parent
+
+
+def _call_mask_fn(mask_fn, base_layer: nn.Module, r: int, random_seed: Optional[int]) -> Tensor:
+    params = inspect.signature(mask_fn).parameters
+    takes_seed = "random_seed" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return mask_fn(base_layer, r, random_seed=random_seed) if takes_seed else mask_fn(base_layer, r)
+
+
+class ShiraModel(nn.Module):
+    """A model with SHiRA adapters. Args: model, config (ShiraConfig), adapter_name."""
+
+    prefix: str = "shira_"
+
+    def __init__(self, model: nn.Module, config: ShiraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self._setup(model)
+        self._inject(adapter_name, config)
+        self._active_adapters = [adapter_name]
+        self._apply_active()
+
+    def _setup(self, model: nn.Module) -> None:
+        if isinstance(model, ShiraModel):
+            raise TypeError("model is already a ShiraModel; use add_adapter() to add another adapter")
+        self.model = model
+        self.peft_config: dict[str, ShiraConfig] = {}
+        self._active_adapters: list[str] = []
+        model.requires_grad_(False)
+
+    # ---- fall-through ------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def base_model(self) -> "ShiraModel":
+        """PEFT compatibility: ``peft_model.base_model.model`` is the wrapped model."""
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    # ---- layers ------------------------------------------------------------------------
+    def shira_layers(self) -> Iterator[tuple[str, ShiraLinear]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ShiraLinear):
+                yield name, module
+
+    def _saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSave):
+                yield name, module
+
+    def _inject(self, adapter_name: str, config: ShiraConfig, loaded: Optional[ckpt.AdapterTensors] = None) -> None:
+        """Add adapter ``adapter_name`` to every target; all checks run before anything changes."""
+        if not isinstance(config, ShiraConfig):
+            raise TypeError(f"config must be a shira_dist.ShiraConfig, got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name={adapter_name!r} is invalid: use a non-empty name without '.'")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.peft_config)}")
+        targets = find_targets(self.model, config.target_modules)
+        for name, module in targets:
+            if not isinstance(module, (nn.Linear, ShiraLinear)):
+                raise TypeError(f"target {name!r} is a {type(module).__name__}, which SHiRA does not support; "
+                                "supported module types: torch.nn.Linear")
+        patterns: dict[str, dict] = {}
+        if loaded is not None:
+            target_names = {n for n, _ in targets}
+            extra = sorted(set(loaded.shira) - target_names)
+            if extra:
+                raise ValueError(f"checkpoint has SHiRA tensors for {extra[0]!r}, which is not a target of this "
+                                 f"adapter's target_modules in this model ({len(extra)} such modules)")
+            for name, _ in targets:
+                if name not in loaded.shira:
+                    raise ValueError(f"checkpoint has no SHiRA tensors for targeted module {name!r}")
+                patterns[name] = {"mask": None, "indices": loaded.shira[name][1]}
+        else:
+            if config.mask_fn is None:
+                raise ValueError(f"mask_type={config.mask_type!r} is unknown and config.mask_fn is not set; "
+                                 f"built-in mask types: {sorted(MASK_FUNCTIONS)}")
+            for name, module in targets:
+                base = module.base_layer if isinstance(module, ShiraLinear) else module
+                seed = None if config.random_seed is None else layer_seed(config.random_seed, name)
+                patterns[name] = {"mask": _call_mask_fn(config.mask_fn, base, config.r, seed), "indices": None}
+        saved = find_modules_to_save(self.model, config.modules_to_save)
+
+        built: dict[str, ShiraLinear] = {}
+        for name, module in targets:  # build new layers first, so a bad mask changes nothing
+            if isinstance(module, nn.Linear):
+                built[name] = ShiraLinear(module, adapter_name=adapter_name, r=config.r,
+                                          init_weights=config.init_weights, layer_name=name,
+                                          fan_in_fan_out=config.fan_in_fan_out, **patterns[name])
+                built[name].set_adapter(self._active_adapters or [adapter_name])
+        for name, module in targets:
+            if isinstance(module, ShiraLinear):
+                module.update_layer(adapter_name, r=config.r, init_weights=config.init_weights, **patterns[name])
+            else:
+                parent, child = get_submodule_parent(self.model, name)
+                setattr(parent, child, built[name])
+        for name, module in saved:
+            if isinstance(module, ModulesToSave):
+                module.add(adapter_name)
+            else:
+                parent, child = get_submodule_parent(self.model, name)
+                setattr(parent, child, ModulesToSave(module, adapter_name))
+        self.peft_config[adapter_name] = config
+
+    def _check_adapters(self, names: Iterable[str]) -> list[str]:
+        names = list(names)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"unknown adapter {n!r}; adapters: {list(self.peft_config)}")
+        return names
+
+    def _apply_active(self) -> None:
+        trainable = any(not self.peft_config[a].inference_mode for a in self._active_adapters)
+        for _, layer in self.shira_layers():
+            layer.set_adapter(self._active_adapters, trainable=trainable)
+        for _, module in self._saved_modules():
+            module.set_adapter(self._active_adapters, trainable=trainable)
+
+    # ---- adapter management ------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        if not self._active_adapters:
+            raise ValueError("no adapter is active")
+        return self._active_adapters[0]
+
+    def add_adapter(self, adapter_name: str, peft_config: ShiraConfig) -> None:
+        """Add a new adapter; it is not active (nor trainable) until ``set_adapter``."""
+        self._inject(adapter_name, peft_config)
+        self._apply_active()
+
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._active_adapters = self._check_adapters(names)
+        self._apply_active()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_adapters([adapter_name])
+        merged_in = [n for n, layer in self.shira_layers() if adapter_name in layer.merged_adapters]
+        if merged_in:
+            raise ValueError(f"adapter {adapter_name!r} is merged (e.g. in {merged_in[0]!r}); unmerge it first")
+        for name, layer in list(self.shira_layers()):
+            if adapter_name in layer.shira_weight:
+                layer.delete_adapter(adapter_name)
+            if len(layer.shira_weight) == 0:
+                parent, child = get_submodule_parent(self.model, name)
+                setattr(parent, child, layer.base_layer)
+        for name, module in list(self._saved_modules()):
+            module.delete(adapter_name)
+            if len(module.modules_to_save) == 0:
+                parent, child = get_submodule_parent(self.model, name)
+                setattr(parent, child, module.original_module)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self._active_adapters if a != adapter_name]
+        self._active_adapters = remaining or list(self.peft_config)[:1]
+        self._apply_active()
+
+    @contextmanager
+    def disable_adapter(self):
+        """Base-model outputs inside; merges and active state are restored on exit."""
+        layers = [layer for _, layer in self.shira_layers()]
+        merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+        saved = [m for _, m in self._saved_modules()]
+        try:
+            for layer in layers:
+                if layer.merged:
+                    layer.unmerge()
+                layer.enable_adapters(False)
+            for m in saved:
+                m.disabled = True
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+                if merged[id(layer)]:
+                    layer.merge(adapter_names=merged[id(layer)])
+            for m in saved:
+                m.disabled = False
+
+    # ---- merge / unload ----------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        names = self._check_adapters(adapter_names) if adapter_names is not None else self.active_adapters
+        for _, layer in self.shira_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=[n for n in names if n in layer.shira_weight])
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.shira_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _replace_wrappers(self) -> nn.Module:
+        for name, layer in list(self.shira_layers()):
+            parent, child = get_submodule_parent(self.model, name)
+            setattr(parent, child, layer.base_layer)
+        for name, module in list(self._saved_modules()):
+            parent, child = get_submodule_parent(self.model, name)
+            setattr(parent, child, module.current)
+        return self.model
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Merge adapters into the weights and return the plain model (no SHiRA modules)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._replace_wrappers()
+
+    def unload(self) -> nn.Module:
+        """Return the untouched base model (merged adapters are unmerged first)."""
+        self.unmerge_adapter()
+        for _, module in self._saved_modules():
+            module.disabled = True
+        return self._replace_wrappers()
+
+    # ---- parameters --------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, Tensor]:
+        """One adapter's tensors under PEFT's checkpoint keys."""
+        self._check_adapters([adapter_name])
+        out: dict[str, Tensor] = {}
+        for name, layer in self.shira_layers():
+            if adapter_name in layer.shira_weight:
+                out[f"{ckpt.KEY_PREFIX}{name}{ckpt.WEIGHT_SUFFIX}"] = layer.shira_weight[adapter_name]
+                out[f"{ckpt.KEY_PREFIX}{name}{ckpt.INDICES_SUFFIX}"] = layer.shira_indices[adapter_name].to(torch.int32)
+        for name, module in self._saved_modules():
+            if adapter_name in module.modules_to_save:
+                for k, v in module.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{ckpt.KEY_PREFIX}{name}.{k}"] = v
+        return out
+
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None) -> None:
+        names = self._check_adapters(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            directory = ckpt.adapter_dir(save_directory, name)
+            ckpt.write_adapter_tensors(directory, self.adapter_state_dict(name))
+            dataclasses.replace(self.peft_config[name], inference_mode=True).save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "ShiraModel":
+        obj = cls.__new__(cls)
+        nn.Module.__init__(obj)
+        obj._setup(model)
+        obj.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        obj._active_adapters = [adapter_name]
+        obj._apply_active()
+        return obj
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load a saved adapter (PEFT's format) as ``adapter_name``; not activated."""
+        config = dataclasses.replace(ShiraConfig.from_pretrained(model_id), inference_mode=not is_trainable)
+        tensors = ckpt.read_adapter_tensors(model_id)
+        saved_paths = [n for n, _ in find_modules_to_save(self.model, config.modules_to_save)]
+        loaded = ckpt.split_adapter_tensors(tensors, saved_paths)
+        self._inject(adapter_name, config, loaded=loaded)
+        with torch.no_grad():
+            for name, layer in self.shira_layers():
+                if name in loaded.shira:
+                    values = layer.shira_weight[adapter_name]
+                    values.copy_(loaded.shira[name][0].to(values.dtype))
+            for name, module in self._saved_modules():
+                if name in loaded.saved:
+                    try:
+                        module.modules_to_save[adapter_name].load_state_dict(loaded.saved[name], strict=True)
+                    except RuntimeError as e:
+                        raise ValueError(f"modules_to_save {name!r}: checkpoint does not fit the model: {e}") from e
+        self._apply_active()
+
+
+def get_peft_model(model: nn.Module, peft_config: ShiraConfig, adapter_name: str = "default") -> ShiraModel:
+    """Wrap ``model`` with a SHiRA adapter (drop-in for ``peft.get_peft_model``)."""
+    return ShiraModel(model, peft_config, adapter_name=adapter_name)
+
+
+PeftModel = ShiraModel  # so ``PeftModel.from_pretrained(base, dir)`` works after an import change
