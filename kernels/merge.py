@@ -27,7 +27,8 @@ def scatter_merge_(
     """
     rows, cols = _rows_cols(indices, weight.device)
     originals = weight[rows, cols].clone()
-    merged = (originals.float() + scale * values.detach().to(weight.device).float()).to(weight.dtype)
+    acc = torch.promote_types(weight.dtype, torch.float32)  # add in >= fp32, round once
+    merged = (originals.to(acc) + scale * values.detach().to(weight.device, acc)).to(weight.dtype)
     if check_finite and not torch.isfinite(merged).all():
         raise ValueError("safe_merge: merging gives non-finite weights (NaN or inf); the weight is left untouched")
     weight.index_put_((rows, cols), merged)

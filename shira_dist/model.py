@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional, Union
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .config import ShiraConfig
 from .layer import ShiraLinear
-from .masks import MASK_FUNCTIONS, layer_seed
+from .masks import MASK_FUNCTIONS, layer_seed, shira_budget
 from .modules_to_save import ModulesToSave
 from .targeting import find_modules_to_save, find_targets, get_submodule_parent
 
@@ -26,6 +27,19 @@ def _call_mask_fn(mask_fn, base_layer: nn.Module, r: int, random_seed: Optional[
     params = inspect.signature(mask_fn).parameters
     takes_seed = "random_seed" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     return mask_fn(base_layer, r, random_seed=random_seed) if takes_seed else mask_fn(base_layer, r)
+
+
+def _forward_with_signature_of(model: nn.Module, owner: nn.Module) -> types.MethodType:
+    """A bound ``forward`` for ``owner`` that calls ``owner.model`` and shows ``model.forward``'s
+    signature (Trainer drops dataset columns by it). A bound method deep-copies correctly."""
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    sig = inspect.signature(model.forward)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    return types.MethodType(forward, owner)
 
 
 class ShiraModel(nn.Module):
@@ -44,6 +58,8 @@ class ShiraModel(nn.Module):
         if isinstance(model, ShiraModel):
             raise TypeError("model is already a ShiraModel; use add_adapter() to add another adapter")
         self.model = model
+        # forward() advertises the wrapped model's signature (Trainer drops dataset columns by it).
+        self.forward = _forward_with_signature_of(model, self)
         self.peft_config: dict[str, ShiraConfig] = {}
         self._active_adapters: list[str] = []
         model.requires_grad_(False)
@@ -62,7 +78,7 @@ class ShiraModel(nn.Module):
         """PEFT compatibility: ``peft_model.base_model.model`` is the wrapped model."""
         return self
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):  # replaced per instance in _setup (same call, model's signature)
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -112,6 +128,7 @@ class ShiraModel(nn.Module):
                                  f"built-in mask types: {sorted(MASK_FUNCTIONS)}")
             for name, module in targets:
                 base = module.base_layer if isinstance(module, ShiraLinear) else module
+                shira_budget(base.out_features, base.in_features, config.r, where=name)
                 seed = None if config.random_seed is None else layer_seed(config.random_seed, name)
                 patterns[name] = {"mask": _call_mask_fn(config.mask_fn, base, config.r, seed), "indices": None}
         saved = find_modules_to_save(self.model, config.modules_to_save)

@@ -1,0 +1,110 @@
+"""kernels/: sparse delta matmul, SDDMM gradient and scatter merge against dense fp64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shira_dist.kernels import (
+    build_csr_layout,
+    delta_matmul_reference,
+    scatter_merge_,
+    scatter_merge_reference,
+    scatter_restore_,
+    sparse_delta_matmul,
+)
+from shira_dist.masks import sample_distinct
+
+
+def _pattern(out_f, in_f, nnz, seed, shuffle=True, empty_rows=False):
+    g = torch.Generator().manual_seed(seed)
+    rows_allowed = out_f // 2 if empty_rows else out_f  # rows >= rows_allowed stay empty
+    flat = sample_distinct(rows_allowed * in_f, nnz, g, torch.device("cpu"))
+    idx = torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
+    if shuffle:  # stored order need not be row-major
+        idx = idx[:, torch.randperm(nnz, generator=g)]
+    return idx
+
+
+SHAPES = [(7, 13, 20), (13, 7, 30), (64, 33, 200), (1, 40, 10), (40, 1, 5), (50, 70, 3000)]
+
+
+CASES = [(*s, False) for s in SHAPES] + [(*s, True) for s in SHAPES if s[0] >= 2]
+
+
+@pytest.mark.parametrize("out_f,in_f,nnz,empty_rows", CASES)
+def test_delta_matmul_matches_dense_fp64(out_f, in_f, nnz, empty_rows):
+    nnz = min(nnz, (out_f // 2 if empty_rows else out_f) * in_f)
+    idx = _pattern(out_f, in_f, nnz, seed=out_f * 31 + in_f)
+    layout = build_csr_layout(idx, (out_f, in_f))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, in_f, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(nnz, dtype=torch.float64, generator=g, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    v_ref = v.detach().clone().requires_grad_(True)
+    gy = torch.randn(3, 5, out_f, dtype=torch.float64, generator=g)
+
+    y = sparse_delta_matmul(x, v, layout, 0.7)
+    y_ref = delta_matmul_reference(x_ref, idx, v_ref, 0.7, (out_f, in_f))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    (y * gy).sum().backward()
+    (y_ref * gy).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_delta_matmul_fp32_and_bf16_inputs():
+    idx = _pattern(48, 40, 300, seed=3)
+    layout = build_csr_layout(idx, (48, 40))
+    x = torch.randn(16, 40)
+    v = torch.randn(300)
+    ref = delta_matmul_reference(x.double(), idx, v.double(), 1.0, (48, 40))
+    torch.testing.assert_close(sparse_delta_matmul(x, v, layout, 1.0).double(), ref, atol=1e-5, rtol=1e-5)
+    y16 = sparse_delta_matmul(x.bfloat16(), v.bfloat16(), layout, 1.0)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.double(), ref, atol=0.1, rtol=0.05)
+
+
+def test_delta_matmul_never_builds_dense_weight_gradient():
+    # The values' gradient has nnz entries; no (out, in) tensor reaches autograd.
+    idx = _pattern(30, 20, 50, seed=4)
+    layout = build_csr_layout(idx, (30, 20))
+    v = torch.zeros(50, requires_grad=True)
+    sparse_delta_matmul(torch.randn(4, 20), v, layout, 1.0).sum().backward()
+    assert v.grad.shape == (50,)
+
+
+def test_empty_batch():
+    idx = _pattern(8, 6, 10, seed=5)
+    y = sparse_delta_matmul(torch.randn(0, 6), torch.randn(10), build_csr_layout(idx, (8, 6)), 1.0)
+    assert y.shape == (0, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_merge_matches_reference_and_restore_is_bit_exact(dtype):
+    idx = _pattern(33, 17, 120, seed=6)
+    w = torch.randn(33, 17).to(dtype)
+    w0 = w.clone()
+    v = torch.randn(120)
+    originals = scatter_merge_(w, idx, v, 0.5)
+    torch.testing.assert_close(w, scatter_merge_reference(w0, idx, v, 0.5), atol=0, rtol=0)
+    mask = torch.zeros(33, 17, dtype=torch.bool)
+    mask[idx[0].long(), idx[1].long()] = True
+    assert torch.equal(w[~mask], w0[~mask])  # only the nnz entries moved
+    scatter_restore_(w, idx, originals)
+    assert torch.equal(_bits(w), _bits(w0))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def test_safe_merge_leaves_weight_untouched_on_nonfinite():
+    idx = _pattern(10, 10, 20, seed=7)
+    w = torch.randn(10, 10)
+    w0 = w.clone()
+    v = torch.zeros(20)
+    v[3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        scatter_merge_(w, idx, v, 1.0, check_finite=True)
+    assert torch.equal(w, w0)
