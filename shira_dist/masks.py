@@ -76,14 +76,15 @@ def _weight_of(base_layer: nn.Module) -> Tensor:
 def _sparse_mask(flat: Tensor, weight: Tensor) -> Tensor:
     out_f, in_f = weight.shape
     idx = torch.stack([flat // in_f, flat % in_f])
-    ones = torch.ones(flat.numel(), dtype=weight.dtype, device=weight.device)
+    ones = torch.ones(flat.numel(), dtype=weight.dtype, device=flat.device)
     return torch.sparse_coo_tensor(idx, ones, (out_f, in_f), is_coalesced=True)
 
 
 def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, **kwargs) -> Tensor:
     """Uniform random SHiRA mask: r*(in+out) distinct positions of ``base_layer.weight``.
 
-    Returns a coalesced sparse COO (out, in) tensor of ones on the weight's device.
+    Returns a coalesced sparse COO (out, in) tensor of ones on the weight's device (on
+    the CPU for a meta-device weight, which has no storage to hold a pattern).
     ``random_seed=None`` draws a fresh pattern every call; extra kwargs are ignored.
     """
     weight = _weight_of(base_layer)
@@ -91,7 +92,7 @@ def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, *
     k = shira_budget(out_f, in_f, r)
     device = weight.device if weight.device.type != "meta" else torch.device("cpu")
     flat = sample_distinct(out_f * in_f, k, _generator(device, random_seed), device)
-    return _sparse_mask(flat.to(weight.device) if weight.device.type != "meta" else flat, weight)
+    return _sparse_mask(flat, weight)
 
 
 def mask_to_indices(mask: Tensor, shape: tuple[int, int], expected_nnz: int, where: str) -> Tensor:
@@ -126,4 +127,14 @@ def validate_indices(indices: Tensor, shape: tuple[int, int], where: str) -> Non
         raise ValueError(f"shira_indices for {where} are out of range for a ({out_f}, {in_f}) weight")
 
 
-MASK_FUNCTIONS = {"random": random_mask}
+# The paper's other strategies build on the helpers above, so they are imported here, at
+# the end, once those exist (shira_dist/__init__ always loads this module first).
+from .mask_strategies import gradient_mask, snip_mask, struct_mask, weight_magnitude_mask  # noqa: E402
+
+MASK_FUNCTIONS = {
+    "random": random_mask,
+    "struct": struct_mask,
+    "weight_magnitude": weight_magnitude_mask,
+    "gradient": gradient_mask,
+    "snip": snip_mask,
+}
