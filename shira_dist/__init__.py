@@ -1,8 +1,9 @@
 """shira_dist: Sparse High Rank Adapters with PEFT's API, built for sharded training."""
 
+from .calibration import calibrate_masks
 from .config import ShiraConfig
 from .layer import ShiraLayer, ShiraLinear
-from .masks import random_mask
+from .masks import MASK_FUNCTIONS, random_mask
 from .model import PeftModel, ShiraModel, get_peft_model
 
 __version__ = "0.1.0"
@@ -15,4 +16,6 @@ __all__ = [
     "PeftModel",
     "get_peft_model",
     "random_mask",
+    "MASK_FUNCTIONS",
+    "calibrate_masks",
 ]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .calibration import CALIBRATED_MASKS, LossFn, calibrate_masks
 from .config import ShiraConfig
 from .layer import ShiraLinear
 from .masks import MASK_FUNCTIONS, layer_seed, shira_budget
@@ -47,10 +48,11 @@ class ShiraModel(nn.Module):
 
     prefix: str = "shira_"
 
-    def __init__(self, model: nn.Module, config: ShiraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: ShiraConfig, adapter_name: str = "default",
+                 calibration_data: Optional[Iterable[dict]] = None, loss_fn: Optional[LossFn] = None) -> None:
         super().__init__()
         self._setup(model)
-        self._inject(adapter_name, config)
+        self._inject(adapter_name, config, indices=self._calibrate(config, calibration_data, loss_fn))
         self._active_adapters = [adapter_name]
         self._apply_active()
 
@@ -98,8 +100,26 @@ class ShiraModel(nn.Module):
             if isinstance(module, ModulesToSave):
                 yield name, module
 
-    def _inject(self, adapter_name: str, config: ShiraConfig, loaded: Optional[ckpt.AdapterTensors] = None) -> None:
-        """Add adapter ``adapter_name`` to every target; all checks run before anything changes."""
+    def _calibrate(self, config: ShiraConfig, calibration_data: Optional[Iterable[dict]],
+                   loss_fn: Optional[LossFn]) -> Optional[dict[str, Tensor]]:
+        """Indices of data-driven masks (gradient, SNIP) from calibration batches, else None."""
+        data_driven = config.mask_type in CALIBRATED_MASKS and config.mask_fn is MASK_FUNCTIONS[config.mask_type]
+        if calibration_data is None:
+            if data_driven:
+                raise ValueError(f"mask_type={config.mask_type!r} chooses entries from gradients: pass "
+                                 "calibration batches, e.g. get_peft_model(model, config, calibration_data=batches)")
+            return None
+        if not data_driven:
+            raise ValueError(f"calibration_data was given but mask_type={config.mask_type!r} does not use it "
+                             f"(data-driven mask types: {sorted(CALIBRATED_MASKS)})")
+        return calibrate_masks(self.model, config, calibration_data, loss_fn=loss_fn)
+
+    def _inject(self, adapter_name: str, config: ShiraConfig, indices: Optional[dict[str, Tensor]] = None) -> None:
+        """Add adapter ``adapter_name`` to every target; all checks run before anything changes.
+
+        ``indices`` (module path -> (2, nnz) int) gives every target's pattern (loaded or
+        calibrated); without it ``config.mask_fn`` draws one per target.
+        """
         if not isinstance(config, ShiraConfig):
             raise TypeError(f"config must be a shira_dist.ShiraConfig, got {type(config).__name__}")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -112,16 +132,15 @@ class ShiraModel(nn.Module):
                 raise TypeError(f"target {name!r} is a {type(module).__name__}, which SHiRA does not support; "
                                 "supported module types: torch.nn.Linear")
         patterns: dict[str, dict] = {}
-        if loaded is not None:
-            target_names = {n for n, _ in targets}
-            extra = sorted(set(loaded.shira) - target_names)
+        if indices is not None:
+            extra = sorted(set(indices) - {n for n, _ in targets})
             if extra:
-                raise ValueError(f"checkpoint has SHiRA tensors for {extra[0]!r}, which is not a target of this "
+                raise ValueError(f"SHiRA tensors given for {extra[0]!r}, which is not a target of this "
                                  f"adapter's target_modules in this model ({len(extra)} such modules)")
             for name, _ in targets:
-                if name not in loaded.shira:
-                    raise ValueError(f"checkpoint has no SHiRA tensors for targeted module {name!r}")
-                patterns[name] = {"mask": None, "indices": loaded.shira[name][1]}
+                if name not in indices:
+                    raise ValueError(f"no SHiRA tensors for targeted module {name!r}")
+                patterns[name] = {"mask": None, "indices": indices[name]}
         else:
             if config.mask_fn is None:
                 raise ValueError(f"mask_type={config.mask_type!r} is unknown and config.mask_fn is not set; "
@@ -179,9 +198,10 @@ class ShiraModel(nn.Module):
             raise ValueError("no adapter is active")
         return self._active_adapters[0]
 
-    def add_adapter(self, adapter_name: str, peft_config: ShiraConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: ShiraConfig,
+                    calibration_data: Optional[Iterable[dict]] = None, loss_fn: Optional[LossFn] = None) -> None:
         """Add a new adapter; it is not active (nor trainable) until ``set_adapter``."""
-        self._inject(adapter_name, peft_config)
+        self._inject(adapter_name, peft_config, indices=self._calibrate(peft_config, calibration_data, loss_fn))
         self._apply_active()
 
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
@@ -313,7 +333,7 @@ class ShiraModel(nn.Module):
         tensors = ckpt.read_adapter_tensors(model_id)
         saved_paths = [n for n, _ in find_modules_to_save(self.model, config.modules_to_save)]
         loaded = ckpt.split_adapter_tensors(tensors, saved_paths)
-        self._inject(adapter_name, config, loaded=loaded)
+        self._inject(adapter_name, config, indices={path: idx for path, (_, idx) in loaded.shira.items()})
         with torch.no_grad():
             for name, layer in self.shira_layers():
                 if name in loaded.shira:
@@ -328,9 +348,15 @@ class ShiraModel(nn.Module):
         self._apply_active()
 
 
-def get_peft_model(model: nn.Module, peft_config: ShiraConfig, adapter_name: str = "default") -> ShiraModel:
-    """Wrap ``model`` with a SHiRA adapter (drop-in for ``peft.get_peft_model``)."""
-    return ShiraModel(model, peft_config, adapter_name=adapter_name)
+def get_peft_model(model: nn.Module, peft_config: ShiraConfig, adapter_name: str = "default",
+                   calibration_data: Optional[Iterable[dict]] = None, loss_fn: Optional[LossFn] = None) -> ShiraModel:
+    """Wrap ``model`` with a SHiRA adapter (drop-in for ``peft.get_peft_model``).
+
+    ``calibration_data`` (batches passed as ``model(**batch)``) and ``loss_fn(model, batch)``
+    feed the data-driven masks ``mask_type="gradient"`` and ``"snip"``; see calibrate_masks.
+    """
+    return ShiraModel(model, peft_config, adapter_name=adapter_name, calibration_data=calibration_data,
+                      loss_fn=loss_fn)
 
 
 PeftModel = ShiraModel  # so ``PeftModel.from_pretrained(base, dir)`` works after an import change
