@@ -50,6 +50,24 @@ def snip_scores(weight: Tensor, grad: Tensor) -> Tensor:
 # ---- selection (pure) ---------------------------------------------------------------------
 
 
+def _kth_largest(flat: Tensor, k: int) -> Tensor:
+    """Exact k-th largest value of ``flat`` (n,) without a full top-k of a huge layer.
+
+    A fixed-seed sample of 2^20 entries gives a threshold a little below the k-th largest;
+    the exact top-k then runs only over the entries above it (falls back to kthvalue if the
+    threshold overshoots). The answer is exact either way; only the time depends on the sample.
+    """
+    n = flat.numel()
+    if n > (1 << 22) and k < n // 4:
+        gen = torch.Generator(device=flat.device).manual_seed(0)
+        sample = flat[torch.randint(0, n, (1 << 20,), generator=gen, device=flat.device)].float()
+        lo = torch.quantile(sample, max(0.0, 1.0 - 1.25 * k / n - 1e-3))
+        candidates = flat[flat >= lo]
+        if candidates.numel() >= k:
+            return torch.topk(candidates, k, sorted=False).values.min()
+    return torch.kthvalue(flat.float(), n - k + 1).values.to(flat.dtype)
+
+
 def topk_positions(scores: Tensor, k: int) -> Tensor:
     """Row-major flat positions of the k largest scores, sorted ascending.
 
@@ -64,7 +82,7 @@ def topk_positions(scores: Tensor, k: int) -> Tensor:
         raise ValueError(f"k={k} is invalid for scores of shape {tuple(scores.shape)}: need 0 < k <= {flat.numel()}")
     if not bool(torch.isfinite(flat).all()):
         raise ValueError(f"scores of shape {tuple(scores.shape)} contain NaN or inf; cannot rank them")
-    kth = torch.topk(flat, k, sorted=False).values.min()
+    kth = _kth_largest(flat, k)
     above = torch.nonzero(flat > kth).squeeze(1)  # strictly larger: always selected
     ties = torch.nonzero(flat == kth).squeeze(1)[: k - above.numel()]  # lowest positions first
     return torch.cat([above, ties]).sort().values

@@ -357,3 +357,18 @@ def test_data_free_strategies_work_through_get_peft_model(mask_type):
                                                      random_seed=1))
     layers = [m for _, m in model.shira_layers()]
     assert len(layers) == 2 and all(m.shira_indices["default"].shape == (2, 2 * 64) for m in layers)
+
+
+def test_topk_positions_large_layer_sampled_threshold_is_exact():
+    # Above 2^22 entries the k-th largest is found from a sampled threshold; it must still be exact,
+    # including ties at the threshold (values are quantised so many entries tie).
+    from shira_dist.mask_strategies import topk_positions
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 2000, (2048, 2100), generator=g).float()
+    k = 8 * (2048 + 2100)
+    flat = scores.reshape(-1)
+    kth = torch.sort(flat, descending=True).values[k - 1]
+    expected = torch.cat([torch.nonzero(flat > kth).squeeze(1),
+                          torch.nonzero(flat == kth).squeeze(1)[: k - int((flat > kth).sum())]]).sort().values
+    assert torch.equal(topk_positions(scores, k), expected)
