@@ -6,7 +6,7 @@ everything numerical lives here.
 
 from .layout import CsrLayout, build_csr_layout, flat_index
 from .merge import scatter_merge_, scatter_merge_reference, scatter_restore_
-from .sparse_delta import delta_matmul_reference, sparse_delta_matmul
+from .sparse_delta import delta_matmul_reference, fused_values_grad, sddmm, sparse_delta_matmul
 
 __all__ = [
     "CsrLayout",
@@ -16,5 +16,7 @@ __all__ = [
     "scatter_merge_reference",
     "scatter_restore_",
     "sparse_delta_matmul",
+    "fused_values_grad",
+    "sddmm",
     "delta_matmul_reference",
 ]

@@ -65,12 +65,56 @@ class _SparseDeltaMatmul(torch.autograd.Function):
             s_t = _csr(layout.crow_t, layout.col_t, v[layout.order_t], (in_f, out_f))
             grad_x = torch.sparse.mm(s_t, gy.t()).t().to(x2d.dtype)  # (T, in)
         if ctx.needs_input_grad[1]:
-            pattern = _csr(layout.crow, layout.col, torch.zeros_like(layout.col, dtype=cdt), (out_f, in_f))
-            sampled = torch.sparse.sampled_addmm(pattern, gy.t().contiguous(), x2d.to(cdt), beta=0.0)
-            grad_v = torch.empty(values.shape[0], dtype=cdt, device=values.device)
-            grad_v[layout.order] = sampled.values() * ctx.scale
-            grad_v = grad_v.to(values.dtype)
+            grad_v = (sddmm(gy, x2d.to(cdt), layout) * ctx.scale).to(values.dtype)
         return grad_x, grad_v, None, None
+
+
+def sddmm(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
+    """Sampled ``grad_y^T @ x`` at the pattern: (nnz,) in stored order.
+
+    grad_y: (T, out), x: (T, in), same float dtype (float32/float64 on the CPU).
+    """
+    out_f, in_f = layout.shape
+    pattern = _csr(layout.crow, layout.col, torch.zeros(layout.col.shape[0], dtype=x.dtype, device=x.device),
+                   (out_f, in_f))
+    sampled = torch.sparse.sampled_addmm(pattern, grad_y.t().contiguous(), x, beta=0.0)
+    out = torch.empty_like(sampled.values())
+    out[layout.order] = sampled.values()
+    return out
+
+
+class _FusedValuesGrad(torch.autograd.Function):
+    """Identity on y; backward adds the values' gradient ``s * SDDMM(grad_y, x)`` only.
+
+    Used when the base weight already holds W0 + s*S (fused mode): the base layer's own
+    matmul produced y and carries grad_x, so only grad_values is left to compute.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x2d: Tensor, values: Tensor, layout: CsrLayout, scale: float) -> Tensor:
+        ctx.save_for_backward(x2d)
+        ctx.layout, ctx.scale, ctx.values_dtype = layout, scale, values.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        (x2d,) = ctx.saved_tensors
+        grad_v = None
+        if ctx.needs_input_grad[2]:
+            cdt = _compute_dtype(grad_y)
+            gy = grad_y.reshape(-1, grad_y.shape[-1]).to(cdt)
+            grad_v = (sddmm(gy, x2d.to(cdt), ctx.layout) * ctx.scale).to(ctx.values_dtype)
+        return grad_y, None, grad_v, None, None
+
+
+def fused_values_grad(y: Tensor, x: Tensor, values: Tensor, layout: CsrLayout, scale: float) -> Tensor:
+    """y: (..., out) from a weight that already includes ``scale * S``; x: (..., in).
+
+    Returns y unchanged, wired so that backward gives ``values`` its gradient (SDDMM).
+    """
+    if x.numel() == 0:
+        return y
+    return _FusedValuesGrad.apply(y, x.reshape(-1, x.shape[-1]), values, layout, float(scale))
 
 
 def sparse_delta_matmul(x: Tensor, values: Tensor, layout: CsrLayout, scale: float) -> Tensor:

@@ -6,6 +6,13 @@
 
     S_a: (out, in) with r*(in+out) non-zeros at shira_indices[a], values shira_weight[a]
 
+Two execution modes give the same results (see ``set_fuse_mode``):
+  unfused  the picture above: base forward plus a CSR sparse matmul per adapter.
+  fused    the base weight holds W0 + Σ deltas in place (re-written from the saved W0
+           entries after each optimizer step), so the forward is exactly the base layer's;
+           backward adds only the values' SDDMM. The default ("auto") for fp32/fp64
+           weights that are plain, unshared tensors.
+
 Merging writes ``W0[idx] + scale·values`` into the base weight at the indices only and
 keeps ``W0[idx]``, so unmerging restores the weight bit-exactly. State is registered:
 values are parameters, indices are buffers, so ``state_dict()`` and ``.to()`` see them.
@@ -19,37 +26,21 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .kernels import CsrLayout, build_csr_layout, scatter_merge_, scatter_restore_, sparse_delta_matmul
+from .buffer_dict import BufferDict
+from .fused import FusedDelta
+from .kernels import (
+    CsrLayout,
+    build_csr_layout,
+    fused_values_grad,
+    scatter_merge_,
+    scatter_restore_,
+    sparse_delta_matmul,
+)
 from .masks import mask_to_indices, shira_budget, validate_indices
 
-
-class BufferDict(nn.Module):
-    """A name -> tensor mapping stored as registered buffers (moves with ``.to()``)."""
-
-    def __init__(self, persistent: bool = True) -> None:
-        super().__init__()
-        self._persistent = persistent
-
-    def __setitem__(self, key: str, value: Tensor) -> None:
-        self.register_buffer(key, value, persistent=self._persistent)
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._buffers[key]
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._buffers
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self):
-        return self._buffers.keys()
-
-    def items(self):
-        return self._buffers.items()
+FUSE_MODES = ("auto", "fused", "unfused")
+# "auto" fuses fp32/fp64 weights only: a half-precision weight would round small deltas away.
+_FUSE_DTYPES = (torch.float32, torch.float64)
 
 
 class ShiraLinear(nn.Module):
@@ -99,6 +90,11 @@ class ShiraLinear(nn.Module):
         self._active_adapters: list[str] = [adapter_name]
         self._disable_adapters = False
         self._layouts: dict[str, tuple[tuple, CsrLayout]] = {}
+        self.fuse_mode = "auto"  # see set_fuse_mode
+        self.fusable = True  # False when the weight is shared (tied) with another module
+        self._fused = FusedDelta()
+        self._register_state_dict_hook(_report_unfused_weight)
+        self._register_load_state_dict_pre_hook(_unfuse_before_load, with_module=True)
         self.update_layer(adapter_name, mask, r, init_weights=init_weights, indices=indices)
 
     # ---- adapters -------------------------------------------------------------------
@@ -138,6 +134,7 @@ class ShiraLinear(nn.Module):
         self._check_known(adapter_name)
         if adapter_name in self.merged_adapters:
             raise ValueError(f"{self.layer_name}: adapter {adapter_name!r} is merged; unmerge it before deleting")
+        self.unfuse()
         del self.shira_weight[adapter_name]
         del self.shira_indices[adapter_name]
         for d in (self.r, self.scaling, self._layouts):
@@ -193,15 +190,68 @@ class ShiraLinear(nn.Module):
         vals = self.shira_weight[adapter] * self.scaling[adapter]
         return torch.sparse_coo_tensor(idx, vals, (self.out_features, self.in_features)).coalesce()
 
+    # ---- fused mode ---------------------------------------------------------------------
+    def set_fuse_mode(self, mode: str) -> None:
+        """"auto" (fuse when safe, see ``fuse_blocker``), "fused" (always; error if unsafe), "unfused"."""
+        if mode not in FUSE_MODES:
+            raise ValueError(f"fuse mode {mode!r} is invalid; allowed: {FUSE_MODES}")
+        self.fuse_mode = mode
+
+    def fuse_blocker(self) -> Optional[str]:
+        """Why this layer cannot run fused, or None."""
+        w = self.base_layer.weight
+        if not self.fusable:
+            return "its weight is shared with another module (tied weights)"
+        if type(w) not in (torch.Tensor, nn.Parameter):
+            return f"its weight is a {type(w).__name__} (sharded or quantized), not a plain tensor"
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            return f"its weight has shape {tuple(w.shape)} (partitioned, e.g. DeepSpeed ZeRO-3)"
+        if not w.dtype.is_floating_point or w.device.type == "meta":
+            return f"its weight is {w.dtype} on {w.device.type}, not a writable float tensor"
+        if self.merged:
+            return "adapters are merged into the weight"
+        return None
+
+    @property
+    def fused(self) -> bool:
+        """True while the base weight holds the active adapters' deltas (fused mode)."""
+        return self._fused.active
+
+    def _use_fused(self, active: list[str]) -> bool:
+        if self.fuse_mode == "unfused" or not active:
+            return False
+        blocker = self.fuse_blocker()
+        if blocker is not None:
+            if self.fuse_mode == "fused":
+                raise RuntimeError(f"{self.layer_name}: fuse mode 'fused' but the layer cannot fuse: {blocker}")
+            return False
+        return self.fuse_mode == "fused" or self.base_layer.weight.dtype in _FUSE_DTYPES
+
+    def unfuse(self) -> None:
+        """Put W0 back at the fused indices (bit-exact); the next fused forward re-writes them."""
+        if self._fused.active:
+            self._fused.restore(self.base_layer.weight.data, self.shira_indices)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self._disable_adapters and self.merged:
-            self.unmerge()
-        y = self.base_layer(x)
         if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            self.unfuse()
+            return self.base_layer(x)
+        active = [n for n in self._active_adapters if n in self.shira_weight and n not in self.merged_adapters]
+        if self._use_fused(active):
+            if not self._fused.is_current(active, self.shira_weight, self.scaling):
+                self._fused.write(self.base_layer.weight.data, active, self.shira_indices, self.shira_weight,
+                                  self.scaling)
+            y = self.base_layer(x)
+            if torch.is_grad_enabled():
+                for name in active:
+                    if self.shira_weight[name].requires_grad:
+                        y = fused_values_grad(y, x, self.shira_weight[name], self._layout(name), self.scaling[name])
             return y
-        for name in self._active_adapters:
-            if name not in self.shira_weight or name in self.merged_adapters:
-                continue
+        self.unfuse()
+        y = self.base_layer(x)
+        for name in active:
             delta = sparse_delta_matmul(x, self.shira_weight[name], self._layout(name), self.scaling[name])
             y = y + delta.to(y.dtype)
         return y
@@ -214,6 +264,7 @@ class ShiraLinear(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write active (or named) adapters into the base weight at their indices only."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self.unfuse()
         for name in names:
             if name not in self.shira_weight:
                 if adapter_names is not None:
@@ -241,6 +292,19 @@ class ShiraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.shira_weight)}, r={self.r}, active={self._active_adapters}, merged={self.merged_adapters}"
+
+
+def _report_unfused_weight(module: ShiraLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict hook: a fused layer reports its base weight as W0 (the adapter is saved separately)."""
+    if module._fused.active:
+        key = prefix + "base_layer.weight"
+        if key in state_dict:
+            state_dict[key] = module._fused.unfused_copy(module.base_layer.weight.data, module.shira_indices)
+
+
+def _unfuse_before_load(module: ShiraLinear, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """load_state_dict pre-hook: loading a base weight replaces W0, so drop the fused write first."""
+    module.unfuse()
 
 
 ShiraLayer = ShiraLinear  # PEFT's layer name

@@ -7,6 +7,7 @@ reaches the original modules, anything else falls through to the wrapped model.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import inspect
 import types
 from contextlib import contextmanager
@@ -172,6 +173,25 @@ class ShiraModel(nn.Module):
                 parent, child = get_submodule_parent(self.model, name)
                 setattr(parent, child, ModulesToSave(module, adapter_name))
         self.peft_config[adapter_name] = config
+        self._mark_tied_weights()
+
+    def _mark_tied_weights(self) -> None:
+        """A weight shared with another module (tied embeddings) must never be fused in place."""
+        uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        for _, layer in self.shira_layers():
+            layer.fusable = uses[id(layer.base_layer.weight)] == 1
+
+    def set_fuse_mode(self, mode: str) -> None:
+        """Execution mode of every SHiRA layer: "auto" (default: fused where safe), "fused", "unfused".
+
+        Fused: the base weights hold W0 + deltas in place and the forward is the base model's
+        own (inference at base speed, training adds only the values' SDDMM). Unfused: base
+        forward plus a sparse matmul per adapter. Results agree either way (tests/test_fused.py).
+        """
+        for _, layer in self.shira_layers():
+            layer.set_fuse_mode(mode)
+            if mode == "unfused":
+                layer.unfuse()
 
     def _check_adapters(self, names: Iterable[str]) -> list[str]:
         names = list(names)
@@ -265,6 +285,7 @@ class ShiraModel(nn.Module):
 
     def _replace_wrappers(self) -> nn.Module:
         for name, layer in list(self.shira_layers()):
+            layer.unfuse()
             parent, child = get_submodule_parent(self.model, name)
             setattr(parent, child, layer.base_layer)
         for name, module in list(self._saved_modules()):

@@ -27,13 +27,16 @@ def test_fresh_adapter_is_exactly_the_base():
     assert torch.equal(layer(x), layer.base_layer(x))
 
 
-def test_forward_equals_dense_reference_fp32():
+@pytest.mark.parametrize("mode", ["fused", "unfused"])
+def test_forward_equals_dense_reference_fp32(mode):
     layer = _layer()
+    layer.set_fuse_mode(mode)
     x = torch.randn(3, 7, 20)
-    w, b = layer.base_layer.weight, layer.base_layer.bias
+    w, b = layer.base_layer.weight.detach().clone(), layer.base_layer.bias
     ref = x.double() @ (w.double() + _dense_delta(layer).double()).t() + b.double()
     y = layer(x)
-    assert not torch.allclose(y, layer.base_layer(x))  # init_weights=False changes the output
+    assert layer.fused == (mode == "fused")
+    assert not torch.allclose(y, x @ w.t() + b)  # init_weights=False changes the output
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
 
 
@@ -57,16 +60,21 @@ def test_half_precision_keeps_dtype(dtype):
     torch.testing.assert_close(y.double(), ref, atol=0.05, rtol=0.02)
 
 
-def test_gradients_only_on_values_and_match_dense():
+@pytest.mark.parametrize("mode", ["fused", "unfused"])
+def test_gradients_only_on_values_and_match_dense(mode):
     layer = _layer(bias=False)
+    layer.set_fuse_mode(mode)
     layer.base_layer.requires_grad_(False)
-    x = torch.randn(6, 20, dtype=torch.float32)
+    w0 = layer.base_layer.weight.detach().clone()
+    x = torch.randn(6, 20, dtype=torch.float32, requires_grad=True)
     layer(x).pow(2).sum().backward()
     v = layer.shira_weight["default"]
     idx = layer.shira_indices["default"].long()
-    w_full = (layer.base_layer.weight.detach() + _dense_delta(layer).detach()).requires_grad_(True)
-    (x @ w_full.t()).pow(2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_full = (w0 + _dense_delta(layer).detach()).requires_grad_(True)
+    (x_ref @ w_full.t()).pow(2).sum().backward()
     torch.testing.assert_close(v.grad, w_full.grad[idx[0], idx[1]], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
     assert layer.base_layer.weight.grad is None
 
 
