@@ -3,13 +3,17 @@
 merge:   W[idx] = W0[idx] + scale * values      (returns W0[idx] for the restore)
 restore: W[idx] = W0[idx]                        (bit-exact: no subtraction)
 
-All functions work in place on ``weight: (out, in)`` and touch only the nnz entries.
+All functions work in place on ``weight: (out, in)`` and touch only the nnz entries; on
+CUDA they dispatch to the Triton kernels in triton_kernels.py.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .dispatch import use_triton
+from .layout import flat_index
 
 
 def _rows_cols(indices: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -25,6 +29,11 @@ def scatter_merge_(
     weight: (out, in); indices: (2, nnz) int; values: (nnz,). With ``check_finite`` a
     non-finite result raises ``ValueError`` before anything is written.
     """
+    if use_triton(weight) and not check_finite:
+        from . import triton_kernels
+
+        return triton_kernels.scatter_merge(weight, flat_index(indices.to(weight.device), weight.shape[1]),
+                                            values.detach().to(weight.device), scale)
     rows, cols = _rows_cols(indices, weight.device)
     originals = weight[rows, cols].clone()
     acc = torch.promote_types(weight.dtype, torch.float32)  # add in >= fp32, round once
@@ -38,6 +47,11 @@ def scatter_merge_(
 @torch.no_grad()
 def scatter_restore_(weight: Tensor, indices: Tensor, originals: Tensor) -> None:
     """Put back the entries saved by :func:`scatter_merge_`, bit-exactly."""
+    if use_triton(weight):
+        from . import triton_kernels
+
+        triton_kernels.scatter_restore(weight, flat_index(indices.to(weight.device), weight.shape[1]), originals)
+        return
     rows, cols = _rows_cols(indices, weight.device)
     weight.index_put_((rows, cols), originals.to(weight.device))
 

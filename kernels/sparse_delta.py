@@ -6,7 +6,8 @@
     backward  grad_x = grad_y @ (s*S)                 CSR(S^T) @ grad_y^T
               grad_v = s * (grad_y^T @ x)[rows, cols]  SDDMM: only the nnz dot products
 
-No (out, in) tensor (weight copy or weight gradient) is ever allocated. The dense
+No (out, in) tensor (weight copy or weight gradient) is ever allocated. CPU: torch.sparse
+(MKL CSR kernels); CUDA: the Triton kernels in triton_kernels.py. The dense
 reference :func:`delta_matmul_reference` builds S densely and lets autograd do the
 rest; tests compare the two.
 """
@@ -18,6 +19,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from .dispatch import use_triton
 from .layout import CsrLayout
 
 # torch warns once that CSR is "beta" and that invariant checks are off; both are known
@@ -39,6 +41,16 @@ def _csr(crow: Tensor, col: Tensor, vals: Tensor, shape: tuple[int, int]) -> Ten
     return torch.sparse_csr_tensor(crow, col, vals, shape, check_invariants=False)
 
 
+def _spmm_t(x2d: Tensor, crow: Tensor, col: Tensor, vals_rowmajor: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """``x2d @ A^T`` for A (n_rows, n_cols) in CSR: (T, n_rows), in x2d's compute dtype."""
+    if use_triton(x2d):
+        from . import triton_kernels
+
+        y = torch.zeros(x2d.shape[0], n_rows, dtype=x2d.dtype, device=x2d.device)
+        return triton_kernels.csr_spmm_add_(y, x2d, crow, col, vals_rowmajor, 1.0)
+    return torch.sparse.mm(_csr(crow, col, vals_rowmajor, (n_rows, n_cols)), x2d.t()).t()
+
+
 class _SparseDeltaMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: Tensor, values: Tensor, layout: CsrLayout, scale: float) -> Tensor:
@@ -46,8 +58,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         cdt = _compute_dtype(x2d)
         xc = x2d.to(cdt)
         v = values.to(cdt) * scale
-        s = _csr(layout.crow, layout.col, v[layout.order], (out_f, in_f))
-        y = torch.sparse.mm(s, xc.t()).t()  # (T, out)
+        y = _spmm_t(xc, layout.crow, layout.col, v[layout.order], out_f, in_f)  # (T, out)
         ctx.save_for_backward(x2d, values)
         ctx.layout, ctx.scale = layout, scale
         return y.to(x2d.dtype)
@@ -62,8 +73,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
             v = values.to(cdt) * ctx.scale
-            s_t = _csr(layout.crow_t, layout.col_t, v[layout.order_t], (in_f, out_f))
-            grad_x = torch.sparse.mm(s_t, gy.t()).t().to(x2d.dtype)  # (T, in)
+            grad_x = _spmm_t(gy, layout.crow_t, layout.col_t, v[layout.order_t], in_f, out_f).to(x2d.dtype)
         if ctx.needs_input_grad[1]:
             grad_v = (sddmm(gy, x2d.to(cdt), layout) * ctx.scale).to(values.dtype)
         return grad_x, grad_v, None, None
@@ -75,6 +85,14 @@ def sddmm(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
     grad_y: (T, out), x: (T, in), same float dtype (float32/float64 on the CPU).
     """
     out_f, in_f = layout.shape
+    if use_triton(x):
+        from . import triton_kernels
+
+        rows_rm = torch.repeat_interleave(torch.arange(out_f, device=x.device), layout.crow.diff())
+        sampled = triton_kernels.sddmm(grad_y, x, rows_rm, layout.col).to(x.dtype)
+        out = torch.empty_like(sampled)
+        out[layout.order] = sampled
+        return out
     pattern = _csr(layout.crow, layout.col, torch.zeros(layout.col.shape[0], dtype=x.dtype, device=x.device),
                    (out_f, in_f))
     sampled = torch.sparse.sampled_addmm(pattern, grad_y.t().contiguous(), x, beta=0.0)
