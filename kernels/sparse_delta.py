@@ -82,8 +82,25 @@ class _SparseDeltaMatmul(torch.autograd.Function):
 def sddmm(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
     """Sampled ``grad_y^T @ x`` at the pattern: (nnz,) in stored order.
 
-    grad_y: (T, out), x: (T, in), same float dtype (float32/float64 on the CPU).
+    grad_y: (T, out), x: (T, in), same float dtype (float32/float64 on the CPU). Whole
+    rows/columns of the pattern (``layout.blocks``) come from dense sub-GEMMs.
     """
+    b = layout.blocks
+    if b is None:
+        return _sddmm_sparse(grad_y, x, layout)
+    out = torch.empty(layout.col.shape[0], dtype=x.dtype, device=x.device)
+    if b.rows.numel():
+        g_rows = grad_y[:, b.rows].t() @ x  # (R, in)
+        out[b.row_pos] = g_rows[b.row_rank, b.row_col]
+    if b.cols.numel():
+        g_cols = grad_y.t() @ x[:, b.cols]  # (out, C)
+        out[b.col_pos] = g_cols[b.col_row, b.col_rank]
+    if b.rest is not None:
+        out[b.rest_pos] = _sddmm_sparse(grad_y, x, b.rest)
+    return out
+
+
+def _sddmm_sparse(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
     out_f, in_f = layout.shape
     if use_triton(x):
         from . import triton_kernels

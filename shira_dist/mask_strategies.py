@@ -106,24 +106,50 @@ def _sample_outside(taken: Tensor, total: int, m: int, generator: torch.Generato
     return ranks + torch.searchsorted(free_before, ranks, right=True)
 
 
+def struct_shape(out_features: int, in_features: int, r: int) -> tuple[int, int]:
+    """(R, C): how many whole rows and columns SHiRA-Struct takes (see struct_positions)."""
+    k = r * (in_features + out_features)
+
+    def size(nr: int, nc: int) -> int:
+        return nr * in_features + nc * out_features - nr * nc + min(out_features, in_features)
+
+    n_rows, n_cols = (r + 1) // 2, r // 2
+    grow_rows = True
+    while True:
+        cand = (n_rows + 1, n_cols) if grow_rows else (n_rows, n_cols + 1)
+        if cand[0] > out_features or cand[1] > in_features or size(*cand) > k:
+            other = (n_rows, n_cols + 1) if grow_rows else (n_rows + 1, n_cols)
+            if other[0] > out_features or other[1] > in_features or size(*other) > k:
+                return n_rows, n_cols
+            cand = other
+        n_rows, n_cols = cand
+        grow_rows = not grow_rows
+
+
 def struct_positions(out_features: int, in_features: int, r: int, generator: torch.Generator,
                      device: torch.device) -> Tensor:
     """SHiRA-Struct pattern as sorted row-major flat positions: (r*(in+out),) int64.
 
     Exact rule, all draws from ``generator`` in this order:
-      1. ⌈r/2⌉ distinct rows and ⌊r/2⌋ distinct columns, uniformly at random; all their
-         entries are selected (whole rows and whole columns);
+      1. R distinct rows and C distinct columns, uniformly at random; all their entries
+         are selected (whole rows and whole columns). (R, C) starts at (⌈r/2⌉, ⌊r/2⌋)
+         and grows by one row, then one column, alternately, while
+         R·in + C·out − R·C + min(in, out) <= r·(in+out): as much of the budget as
+         possible goes to whole rows/columns (about r of each), which the values'
+         gradient computes with dense sub-GEMMs;
       2. the main diagonal (i, i), i < min(out, in), is selected (this makes the update
          full rank: rows/columns alone give rank <= r);
       3. the union of 1-2 is topped up with uniformly random other positions until it
          holds exactly r*(in+out) entries.
     Step 3 never has to remove anything: the union has at most
-    ⌈r/2⌉·in + ⌊r/2⌋·out + min(in, out) <= r·(in+out) entries for every r >= 1, so chosen
+    R·in + C·out − R·C + min(in, out) <= r·(in+out) entries (true at the start for every
+    r >= 1 and kept by the growth rule), so chosen
     rows, columns and the diagonal are always complete. Memory is O(r*(in+out)).
     """
     k = shira_budget(out_features, in_features, r)
-    rows = sample_distinct(out_features, (r + 1) // 2, generator, device)
-    cols = sample_distinct(in_features, r // 2, generator, device)
+    n_rows, n_cols = struct_shape(out_features, in_features, r)
+    rows = sample_distinct(out_features, n_rows, generator, device)
+    cols = sample_distinct(in_features, n_cols, generator, device)
     every_col = torch.arange(in_features, device=device)
     every_row = torch.arange(out_features, device=device)
     diag = torch.arange(min(out_features, in_features), device=device)
@@ -132,7 +158,7 @@ def struct_positions(out_features: int, in_features: int, r: int, generator: tor
         (every_row[:, None] * in_features + cols).reshape(-1),  # whole columns: (out * ⌊r/2⌋,)
         diag * (in_features + 1),                               # diagonal: (min(out, in),)
     ]))  # sorted, distinct
-    assert structured.numel() <= k, "⌈r/2⌉·in + ⌊r/2⌋·out + min(in, out) <= r·(in+out)"
+    assert structured.numel() <= k, "R·in + C·out − R·C + min(in, out) <= r·(in+out)"
     extra = _sample_outside(structured, out_features * in_features, k - structured.numel(), generator)
     return torch.cat([structured, extra]).sort().values
 

@@ -51,10 +51,12 @@ def test_fused_training_matches_unfused_and_peft(mask_type):
     assert all(layer.fused for _, layer in _layers(fused)) and not any(layer.fused for _, layer in _layers(unfused))
     torch.testing.assert_close(l_fused, l_unfused, rtol=1e-5, atol=0)  # fp32: only summation order differs
     torch.testing.assert_close(l_fused, l_peft, rtol=1e-5, atol=0)
+    # Values: AdamW divides by sqrt(v), so fp32 summation-order noise in near-zero gradients can
+    # move a value by a small fraction of one step (lr=1e-2); 1e-4 is 1 % of a step.
     for (name, a), (_, b) in zip(_layers(fused), _layers(unfused)):
-        torch.testing.assert_close(a.shira_weight["default"], b.shira_weight["default"], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(a.shira_weight["default"], b.shira_weight["default"], atol=1e-4, rtol=0)
         torch.testing.assert_close(a.shira_weight["default"], peft_layers["base_model." + name].shira_weight["default"],
-                                   atol=1e-6, rtol=1e-4)
+                                   atol=1e-4, rtol=0)
 
 
 def test_fused_weight_outside_mask_is_bit_identical_and_no_drift():

@@ -108,3 +108,24 @@ def test_safe_merge_leaves_weight_untouched_on_nonfinite():
     with pytest.raises(ValueError, match="non-finite"):
         scatter_merge_(w, idx, v, 1.0, check_finite=True)
     assert torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("out_f,in_f,r", [(40, 24, 4), (24, 40, 3), (33, 33, 2)])
+def test_struct_pattern_uses_dense_blocks_and_matches_dense(out_f, in_f, r):
+    from shira_dist.mask_strategies import struct_mask
+
+    mask = struct_mask(torch.nn.Linear(in_f, out_f), r, random_seed=1)
+    idx = mask.indices()
+    idx = idx[:, torch.randperm(idx.shape[1], generator=torch.Generator().manual_seed(0))]  # any stored order
+    layout = build_csr_layout(idx, (out_f, in_f))
+    assert layout.blocks is not None and layout.blocks.rows.numel() + layout.blocks.cols.numel() > 0
+    assert layout.blocks.rest is not None  # the diagonal and top-ups stay sparse
+    nnz = idx.shape[1]
+    v = torch.randn(nnz, dtype=torch.float64, requires_grad=True)
+    v_ref = v.detach().clone().requires_grad_(True)
+    x = torch.randn(6, in_f, dtype=torch.float64)
+    gy = torch.randn(6, out_f, dtype=torch.float64)
+    (sparse_delta_matmul(x, v, layout, 1.3) * gy).sum().backward()
+    (delta_matmul_reference(x, idx, v_ref, 1.3, (out_f, in_f)) * gy).sum().backward()
+    torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-12, atol=1e-12)
+    assert build_csr_layout(_pattern(out_f, in_f, nnz, seed=2), (out_f, in_f)).blocks is None  # random: none
