@@ -29,31 +29,45 @@ def scatter_merge_(
     weight: (out, in); indices: (2, nnz) int; values: (nnz,). With ``check_finite`` a
     non-finite result raises ``ValueError`` before anything is written.
     """
-    if use_triton(weight) and not check_finite:
+    values = values.detach().to(weight.device)
+    if use_triton(weight) and weight.is_contiguous() and not check_finite:
         from . import triton_kernels
 
         return triton_kernels.scatter_merge(weight, flat_index(indices.to(weight.device), weight.shape[1]),
-                                            values.detach().to(weight.device), scale)
-    rows, cols = _rows_cols(indices, weight.device)
-    originals = weight[rows, cols].clone()
+                                            values, scale)
+    originals = _gather(weight, indices)
     acc = torch.promote_types(weight.dtype, torch.float32)  # add in >= fp32, round once
-    merged = (originals.to(acc) + scale * values.detach().to(weight.device, acc)).to(weight.dtype)
+    merged = (originals.to(acc) + scale * values.to(acc)).to(weight.dtype)
     if check_finite and not torch.isfinite(merged).all():
         raise ValueError("safe_merge: merging gives non-finite weights (NaN or inf); the weight is left untouched")
-    weight.index_put_((rows, cols), merged)
+    _scatter(weight, indices, merged)
     return originals
 
 
 @torch.no_grad()
 def scatter_restore_(weight: Tensor, indices: Tensor, originals: Tensor) -> None:
     """Put back the entries saved by :func:`scatter_merge_`, bit-exactly."""
-    if use_triton(weight):
+    if use_triton(weight) and weight.is_contiguous():
         from . import triton_kernels
 
         triton_kernels.scatter_restore(weight, flat_index(indices.to(weight.device), weight.shape[1]), originals)
         return
+    _scatter(weight, indices, originals.to(weight.device))
+
+
+def _gather(weight: Tensor, indices: Tensor) -> Tensor:
+    if weight.is_contiguous():  # 1-D index_select: faster than 2-D advanced indexing
+        return weight.view(-1).index_select(0, flat_index(indices.to(weight.device), weight.shape[1]))
     rows, cols = _rows_cols(indices, weight.device)
-    weight.index_put_((rows, cols), originals.to(weight.device))
+    return weight[rows, cols].clone()
+
+
+def _scatter(weight: Tensor, indices: Tensor, src: Tensor) -> None:
+    if weight.is_contiguous():
+        weight.view(-1).index_copy_(0, flat_index(indices.to(weight.device), weight.shape[1]), src)
+        return
+    rows, cols = _rows_cols(indices, weight.device)
+    weight.index_put_((rows, cols), src)
 
 
 def scatter_merge_reference(weight: Tensor, indices: Tensor, values: Tensor, scale: float) -> Tensor:

@@ -129,3 +129,15 @@ def test_struct_pattern_uses_dense_blocks_and_matches_dense(out_f, in_f, r):
     (delta_matmul_reference(x, idx, v_ref, 1.3, (out_f, in_f)) * gy).sum().backward()
     torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-12, atol=1e-12)
     assert build_csr_layout(_pattern(out_f, in_f, nnz, seed=2), (out_f, in_f)).blocks is None  # random: none
+
+
+def test_merge_on_non_contiguous_weight():
+    idx = _pattern(12, 9, 30, seed=8)
+    storage = torch.randn(9, 12)
+    w = storage.t()  # (12, 9) view, not contiguous
+    w0 = w.clone()
+    v = torch.randn(30)
+    orig = scatter_merge_(w, idx, v, 2.0)
+    torch.testing.assert_close(w, scatter_merge_reference(w0, idx, v, 2.0), atol=0, rtol=0)
+    scatter_restore_(w, idx, orig)
+    assert torch.equal(w, w0)
