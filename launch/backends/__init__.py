@@ -1,0 +1,1 @@
+"""One module per way of starting a run: local, torchrun (multi-node), deepspeed (hostfile), slurm (sbatch)."""
