@@ -202,6 +202,8 @@ class ShiraLinear(nn.Module):
         w = self.base_layer.weight
         if not self.fusable:
             return "its weight is shared with another module (tied weights)"
+        if hasattr(w, "ds_id"):
+            return "its weight is managed by DeepSpeed ZeRO (partitioned or updated in flat buffers)"
         if type(w) not in (torch.Tensor, nn.Parameter):
             return f"its weight is a {type(w).__name__} (sharded or quantized), not a plain tensor"
         if tuple(w.shape) != (self.out_features, self.in_features):

@@ -1,0 +1,61 @@
+"""Small helpers every strategy shares: find the ShiraModel inside an engine, rank/world,
+the data-parallel slice of a global batch, and switching layers to the unfused path.
+
+    DDP(ShiraModel).module            ─┐
+    DeepSpeedEngine(ShiraModel).module ├─► unwrap_shira_model(...) -> the ShiraModel
+    FSDP2: fully_shard(ShiraModel)    ─┘   (FSDP2 keeps the object, only changes its class)
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+
+from ..layer import ShiraLinear
+from ..model import ShiraModel
+
+
+def unwrap_shira_model(model: nn.Module) -> ShiraModel:
+    """The ShiraModel inside ``model`` (itself, DDP's/DeepSpeed's/FSDP1's ``.module``, ...)."""
+    seen = model
+    while not isinstance(seen, ShiraModel):
+        inner = getattr(seen, "module", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"{type(model).__name__} holds no ShiraModel: wrap the result of "
+                            "shira_dist.get_peft_model / ShiraModel.from_pretrained")
+        seen = inner
+    return seen
+
+
+def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) when no process group is running."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def data_parallel_slice(global_batch_size: int, rank: int, world_size: int) -> slice:
+    """Rows of a global batch this rank trains on: equal contiguous blocks, in rank order.
+
+    With equal blocks (and the same number of loss tokens per row) the mean of the ranks'
+    losses is the single-process loss of the whole batch, and so are the averaged gradients.
+    """
+    if global_batch_size % world_size:
+        raise ValueError(f"global batch size {global_batch_size} does not split evenly over {world_size} ranks; "
+                         f"use a multiple of {world_size}")
+    per_rank = global_batch_size // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def use_unfused_path(model: nn.Module) -> int:
+    """Put every SHiRA layer on the unfused path (base forward + sparse delta); returns the count.
+
+    The sharding helpers call this (overriding "auto" and "fused"): an engine that gathers a
+    weight for the forward and frees it after (FSDP2, ZeRO-3) drops an in-place fused write
+    before the backward, and ZeRO-1/2 update the values without a version bump, so a fused
+    write would go stale unnoticed. Both were measured to give wrong gradients.
+    """
+    shira = unwrap_shira_model(model)
+    if hasattr(shira, "set_fuse_mode"):  # models from before fused mode have only this path
+        shira.set_fuse_mode("unfused")
+    return sum(1 for m in shira.modules() if isinstance(m, ShiraLinear))

@@ -1,0 +1,133 @@
+"""DeepSpeed ZeRO-2/3 (optionally with the optimizer offloaded to the CPU) for a ShiraModel.
+
+    stage 2   frozen base: whole on every rank, untouched by the engine
+              SHiRA values: fp32 master + Adam state partitioned; gradients reduced
+              (adapter-sized traffic), then the updated values all-gathered
+    stage 3   every parameter partitioned, frozen ones too (``numel() == 0`` outside forward);
+              a layer's weight is gathered for its forward/backward and freed after
+              SHiRA values: used by ShiraLinear.forward itself (not by a submodule's
+              forward), so they are registered as its external parameters and gathered
+              with it; indices: buffers, never partitioned, identical on every rank
+
+Under ZeRO (stage >= 1) the layers run the unfused path. Stage 3 releases the gathered
+weight after the forward, so an in-place fused write would be lost before backward; stages
+1-2 write the updated values into their flat buffer, which the value parameters view
+through ``.data``: neither their ``_version`` nor their ``data_ptr()`` changes, so a fused
+write would go stale unnoticed (measured: wrong losses from the second step on).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .common import unwrap_shira_model, use_unfused_path
+
+
+def deepspeed_config(config: str | os.PathLike | dict, micro_batch_size: int, gradient_accumulation_steps: int = 1,
+                     zero_stage: Optional[int] = None, gradient_clipping: Optional[float] = None) -> dict:
+    """A DeepSpeed config dict from a JSON file (e.g. configs/deepspeed/zero3.json) or a dict.
+
+    Fills the per-run values the shipped files leave out: ``train_micro_batch_size_per_gpu``,
+    ``gradient_accumulation_steps`` (global batch = micro × accumulation × world size),
+    and optionally overrides ``zero_optimization.stage`` and ``gradient_clipping``.
+    """
+    if isinstance(config, dict):
+        cfg = copy.deepcopy(config)
+    else:
+        with open(config) as f:
+            try:
+                cfg = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"DeepSpeed config {str(config)!r} is not valid JSON: {e}") from e
+    for key, value in (("train_micro_batch_size_per_gpu", micro_batch_size),
+                       ("gradient_accumulation_steps", gradient_accumulation_steps)):
+        if cfg.get(key, value) != value:
+            raise ValueError(f"DeepSpeed config sets {key}={cfg[key]} but this run uses {value}; "
+                             "leave it out of the JSON (the run fills it in)")
+        cfg[key] = value
+    if "train_batch_size" in cfg:
+        raise ValueError("DeepSpeed config sets train_batch_size; leave it out (it follows from micro batch, "
+                         "accumulation and world size)")
+    if zero_stage is not None:
+        cfg.setdefault("zero_optimization", {})["stage"] = zero_stage
+    if gradient_clipping is not None:
+        cfg["gradient_clipping"] = gradient_clipping
+    return cfg
+
+
+def zero_stage_of(config: dict) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _check_optimizer_config(config: dict, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    zero = config.get("zero_optimization", {})
+    if optimizer is None:
+        if "optimizer" not in config:
+            raise ValueError("give an optimizer or an 'optimizer' section in the DeepSpeed config")
+        return
+    if zero.get("stage", 0) > 0 and not config.get("zero_allow_untested_optimizer", False):
+        raise ValueError(f"a client optimizer ({type(optimizer).__name__}) under ZeRO needs "
+                         '"zero_allow_untested_optimizer": true in the DeepSpeed config')
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if offloaded and config.get("zero_force_ds_cpu_optimizer", True):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        if not isinstance(optimizer, DeepSpeedCPUAdam):
+            raise ValueError(f"optimizer offload with a client {type(optimizer).__name__} needs "
+                             '"zero_force_ds_cpu_optimizer": false (or use deepspeed.ops.adam.DeepSpeedCPUAdam)')
+
+
+def register_zero3_external_values(model: nn.Module) -> int:
+    """Tell ZeRO-3 that each ShiraLinear's forward reads its own ``shira_weight`` values.
+
+    They live in a ParameterDict whose forward never runs, so without this ZeRO-3 only
+    finds them through its on-access fallback. Returns the number registered.
+    """
+    import deepspeed
+
+    count = 0
+    for _, layer in unwrap_shira_model(model).shira_layers():
+        for values in layer.shira_weight.values():
+            deepspeed.zero.register_external_parameter(layer, values)
+            count += 1
+    return count
+
+
+def deepspeed_initialize(model: nn.Module, config: dict, optimizer: Optional[torch.optim.Optimizer] = None,
+                         lr_scheduler: Optional[Any] = None) -> tuple[Any, Any, Any]:
+    """``deepspeed.initialize`` for a ShiraModel; returns (engine, optimizer, lr_scheduler).
+
+    Args:
+        model: the ShiraModel (after :func:`sync_adapters`), the same on every rank.
+        config: a dict from :func:`deepspeed_config`.
+        optimizer: a client optimizer over the trainable parameters (e.g. torch AdamW), or
+            None to build the one in ``config["optimizer"]`` over them.
+        lr_scheduler: a client scheduler for ``optimizer``, or None.
+
+    Training loop: ``loss = engine(**batch).loss; engine.backward(loss); engine.step()``.
+    Save with :func:`save_adapter` (adapter only), never a full-model gather.
+    """
+    import deepspeed
+
+    shira = unwrap_shira_model(model)
+    if shira is not model:
+        raise TypeError(f"deepspeed_initialize takes the ShiraModel itself, not a {type(model).__name__}")
+    _check_optimizer_config(config, optimizer)
+    stage = zero_stage_of(config)
+    if stage >= 1:
+        use_unfused_path(shira)
+    if stage == 3:
+        register_zero3_external_values(shira)
+    trainable = [p for p in shira.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (load adapters with is_trainable=True)")
+    engine, opt, _, sched = deepspeed.initialize(
+        model=shira, optimizer=optimizer, model_parameters=trainable if optimizer is None else None,
+        config=config, lr_scheduler=lr_scheduler)
+    return engine, opt, sched
