@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) examples/quickstart.py
+	$(PY) -m shira_dist.train --config configs/default.yaml
 
 test: setup
 	$(VENV)/bin/pytest -q tests

@@ -1,0 +1,202 @@
+"""How the model is spread over processes: the contract the training loop talks to.
+
+    strategy = make_strategy("ddp", env, device, cfg.distributed)
+    strategy.setup(shira_model, make_optimizer)     wrap the model, build the optimizer
+    with strategy.no_sync(): ...                    accumulation micro-batches (no gradient sync)
+    strategy.backward(loss); strategy.clip_and_step(max_norm); strategy.zero_grad()
+    strategy.adapter_state_dict()                   full adapter tensors on rank 0 (None elsewhere)
+    strategy.optimizer_state_dict() / load_optimizer_state_dict(state)
+    strategy.all_reduce_sum(t); strategy.barrier(); strategy.replicas_in_sync()
+
+Built in: ``single`` and ``ddp`` (torch DDP over the ShiraModel; only SHiRA values and
+modules_to_save copies are trainable). Sharded strategies (fsdp, deepspeed) plug in with
+``register_strategy(name, factory)`` from ``shira_dist.distributed``; until that module
+registers them, asking for one fails before any process group starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Callable, ContextManager, Iterable, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import ShiraModel
+from .dist_env import DistEnv
+from .schema import DistributedConfig
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class TrainingStrategy(Protocol):
+    name: str
+    model: nn.Module  # what the loop calls forward on (may be a wrapper)
+    optimizer: torch.optim.Optimizer
+
+    def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None: ...
+    def no_sync(self) -> ContextManager: ...
+    def backward(self, loss: Tensor) -> None: ...
+    def clip_and_step(self, max_norm: Optional[float]) -> float: ...
+    def zero_grad(self) -> None: ...
+    def adapter_state_dict(self, adapter_name: str) -> Optional[dict[str, Tensor]]: ...
+    def optimizer_state_dict(self) -> Optional[dict]: ...
+    def load_optimizer_state_dict(self, state: dict) -> None: ...
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor: ...  # sum over ranks, returned on the CPU
+    def barrier(self) -> None: ...
+    def replicas_in_sync(self) -> bool: ...  # replicated adapter state is bit-identical on every rank
+
+
+StrategyFactory = Callable[[DistEnv, torch.device, DistributedConfig], TrainingStrategy]
+
+
+class SingleStrategy:
+    """One process (or, as DdpStrategy's base, one replica): plain autograd and optimizer."""
+
+    name = "single"
+
+    def __init__(self, env: DistEnv, device: torch.device, options: DistributedConfig) -> None:
+        self.env, self.device = env, device
+        self.shira: Optional[ShiraModel] = None
+
+    def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
+        self.shira = model
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the adapter has no trainable parameters (is the adapter in inference mode?)")
+        self.optimizer = make_optimizer(self.params)
+
+    def no_sync(self) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def clip_and_step(self, max_norm: Optional[float]) -> float:
+        limit = float("inf") if max_norm is None else max_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        self.optimizer.step()
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def adapter_state_dict(self, adapter_name: str) -> Optional[dict[str, Tensor]]:
+        if not self.env.is_main:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.shira.adapter_state_dict(adapter_name).items()}
+
+    def optimizer_state_dict(self) -> Optional[dict]:
+        return self.optimizer.state_dict() if self.env.is_main else None
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    def replicas_in_sync(self) -> bool:
+        return True
+
+
+class DdpStrategy(SingleStrategy):
+    """torch DDP over the ShiraModel: every rank holds the whole model, gradients are averaged.
+
+    All ranks must start from identical adapters: rank 0's SHiRA indices and trainable
+    tensors are broadcast before wrapping (a mask drawn with random_seed=None, or a
+    data-driven one, differs per rank otherwise)."""
+
+    name = "ddp"
+
+    def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        with torch.no_grad():
+            for tensor in self._adapter_tensors(model):
+                dist.broadcast(tensor.data, src=0)
+        super().setup(model, make_optimizer)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
+                                             find_unused_parameters=False)
+
+    @staticmethod
+    def _adapter_tensors(model: ShiraModel) -> list[Tensor]:
+        """SHiRA indices and values of every adapter, then other trainable tensors (same order on every rank)."""
+        out: list[Tensor] = []
+        for _, layer in model.shira_layers():
+            for adapter in layer.shira_weight:
+                out += [layer.shira_indices[adapter], layer.shira_weight[adapter]]
+        seen = {id(t) for t in out}
+        out += [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+        return out
+
+    def no_sync(self) -> ContextManager:
+        return self.model.no_sync()
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum over ranks (on the collective's device); returned on the CPU."""
+        reduced = tensor.to(self.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced.cpu()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def replicas_in_sync(self) -> bool:
+        """Compare per-tensor checksums of every adapter tensor across ranks (exact equality)."""
+        sums = []
+        for t in self._adapter_tensors(self.shira):
+            flat = t.detach().double().flatten()
+            ramp = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+            sums += [flat.sum(), (flat * ramp).sum()]
+        mine = torch.stack(sums).to(self.device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+_REGISTRY: dict[str, StrategyFactory] = {"single": SingleStrategy, "ddp": DdpStrategy}
+_PLUGIN_MODULE = "shira_dist.distributed"  # registers fsdp / deepspeed when it exists
+
+
+def register_strategy(name: str, factory: StrategyFactory) -> None:
+    """Make ``distributed.strategy: <name>`` available (used by shira_dist.distributed)."""
+    _REGISTRY[name] = factory
+
+
+def _load_plugins() -> None:
+    try:
+        importlib.import_module(_PLUGIN_MODULE)
+    except ImportError:
+        pass
+
+
+def available_strategies() -> list[str]:
+    """Built-in strategies plus those shira_dist.distributed registers (if installed)."""
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def check_strategy(name: str, env: DistEnv) -> None:
+    """Fail fast (no process group yet) on a strategy that cannot run in this environment."""
+    if name not in _REGISTRY:
+        _load_plugins()
+    if name not in _REGISTRY:
+        raise ValueError(f"distributed.strategy={name!r} is not available in this installation "
+                         f"({_PLUGIN_MODULE} does not provide it yet); supported strategies: {available_strategies()}")
+    if name == "single" and env.world_size > 1:
+        raise ValueError(f"distributed.strategy='single' but the launcher started {env.world_size} processes "
+                         f"({env.source}); use distributed.strategy=ddp (or fsdp/deepspeed)")
+
+
+def make_strategy(name: str, env: DistEnv, device: torch.device, options: DistributedConfig) -> TrainingStrategy:
+    check_strategy(name, env)
+    if name == "ddp" and not env.distributed:
+        name = "single"  # one process: DDP would only add a process group of one
+    return _REGISTRY[name](env, device, options)
