@@ -4,8 +4,9 @@
     python benchmarks/bench_train.py --hidden 2048 --inter 5632
 
 Configurations: frozen-base floor (forward + backward through activations only), PEFT LoRA,
-PEFT SHiRA, shira_dist (random mask), shira_dist (struct mask), all r=32 on the 7 Llama
-projections, AdamW. Prints one table of medians and ratios to the floor / base; nothing here is
+PEFT SHiRA, full fine-tuning of the targeted weights, shira_dist fused (random mask, the
+default mode), shira_dist unfused (random), shira_dist struct mask (fused), all r=32 on the
+7 Llama projections, AdamW. Prints one table of medians and ratios to the floor / base; nothing here is
 asserted. Uses only public APIs (transformers, peft, shira_dist).
 """
 
@@ -22,7 +23,8 @@ import tempfile
 import time
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIGS = ["floor", "peft_lora", "peft_shira", "shira_dist_random", "shira_dist_struct"]
+CONFIGS = ["floor", "peft_lora", "peft_shira", "full_ft", "shira_dist_fused", "shira_dist_unfused",
+           "shira_dist_struct"]
 
 
 def _build(args, name):
@@ -34,8 +36,12 @@ def _build(args, name):
                       num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
                       vocab_size=args.vocab, max_position_embeddings=args.seq)
     model = LlamaForCausalLM(cfg)
-    if name == "floor":
+    if name in ("floor", "full_ft"):
         model.requires_grad_(False)
+        if name == "full_ft":  # full fine-tuning of exactly the targeted weights
+            for mod_name, mod in model.named_modules():
+                if mod_name.rsplit(".", 1)[-1] in TARGETS:
+                    mod.weight.requires_grad_(True)
         return model
     if name.startswith("peft_"):
         import peft
@@ -45,9 +51,11 @@ def _build(args, name):
         return peft.get_peft_model(model, pc)
     import shira_dist
 
-    mask_type = name.rsplit("_", 1)[-1]
-    return shira_dist.get_peft_model(model, shira_dist.ShiraConfig(r=args.r, target_modules=TARGETS,
-                                                                   mask_type=mask_type, random_seed=0))
+    mask_type = "struct" if name == "shira_dist_struct" else "random"
+    model = shira_dist.get_peft_model(model, shira_dist.ShiraConfig(r=args.r, target_modules=TARGETS,
+                                                                    mask_type=mask_type, random_seed=0))
+    model.set_fuse_mode("unfused" if name == "shira_dist_unfused" else "auto")
+    return model
 
 
 def _median_time(fn, steps):
@@ -89,7 +97,7 @@ def run_one(args, name) -> dict:
         fwd = lambda: model(small)  # noqa: E731
         fwd()
         res["infer_s"] = _median_time(fwd, args.infer_steps)
-        if name != "floor":
+        if name not in ("floor", "full_ft"):
             if name == "peft_lora" or name == "peft_shira":
                 merge, unmerge = model.base_model.merge_adapter, model.base_model.unmerge_adapter
             else:
