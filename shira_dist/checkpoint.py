@@ -11,8 +11,10 @@ Files are written to a temp file and renamed, never half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load as st_load
@@ -20,6 +22,9 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .config import ShiraConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -35,6 +40,14 @@ def write_adapter_tensors(directory: str, tensors: dict[str, Tensor]) -> None:
     os.makedirs(directory, exist_ok=True)
     blob = st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata={"format": "pt"})
     atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), blob)
+
+
+def write_adapter(save_directory: str | os.PathLike, adapter_name: str, tensors: dict[str, Tensor],
+                  config: "ShiraConfig") -> None:
+    """Write one adapter (tensors under PEFT keys + its config, as inference_mode) in PEFT's layout."""
+    directory = adapter_dir(save_directory, adapter_name)
+    write_adapter_tensors(directory, tensors)
+    dataclasses.replace(config, inference_mode=True).save_pretrained(directory)
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:

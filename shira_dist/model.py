@@ -333,9 +333,7 @@ class ShiraModel(nn.Module):
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None) -> None:
         names = self._check_adapters(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         for name in names:
-            directory = ckpt.adapter_dir(save_directory, name)
-            ckpt.write_adapter_tensors(directory, self.adapter_state_dict(name))
-            dataclasses.replace(self.peft_config[name], inference_mode=True).save_pretrained(directory)
+            ckpt.write_adapter(save_directory, name, self.adapter_state_dict(name), self.peft_config[name])
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",

@@ -17,7 +17,6 @@ and already whole on every rank. Everything here is collective: call it on all r
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from typing import Iterator, Optional
 
@@ -100,17 +99,12 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike,
     in subfolders). Collective; returns on every rank once the files exist.
     """
     shira = unwrap_shira_model(model)
-    names = list(shira.peft_config) if selected_adapters is None else list(selected_adapters)
-    unknown = [n for n in names if n not in shira.peft_config]
-    if unknown:
-        raise ValueError(f"unknown adapter {unknown[0]!r}; adapters: {list(shira.peft_config)}")
+    names = list(shira.peft_config) if selected_adapters is None else shira._check_adapters(selected_adapters)
     rank, world = rank_and_world()
     for name in names:
         tensors = gather_adapter_state_dict(model, name)
         if rank == 0:
-            directory = ckpt.adapter_dir(save_directory, name)
-            ckpt.write_adapter_tensors(directory, tensors)
-            dataclasses.replace(shira.peft_config[name], inference_mode=True).save_pretrained(directory)
+            ckpt.write_adapter(save_directory, name, tensors, shira.peft_config[name])
     if world > 1:
         dist.barrier()
 
