@@ -6,7 +6,7 @@ everything numerical lives here.
 
 from .layout import CsrLayout, build_csr_layout, flat_index
 from .merge import scatter_merge_, scatter_merge_reference, scatter_restore_
-from .sparse_delta import delta_matmul_reference, fused_values_grad, sddmm, sparse_delta_matmul
+from .sparse_delta import delta_matmul_reference, fused_values_grad, sddmm, sddmm_reference, sparse_delta_matmul
 
 __all__ = [
     "CsrLayout",
@@ -18,5 +18,6 @@ __all__ = [
     "sparse_delta_matmul",
     "fused_values_grad",
     "sddmm",
+    "sddmm_reference",
     "delta_matmul_reference",
 ]

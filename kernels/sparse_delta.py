@@ -7,9 +7,12 @@
               grad_v = s * (grad_y^T @ x)[rows, cols]  SDDMM: only the nnz dot products
 
 No (out, in) tensor (weight copy or weight gradient) is ever allocated. CPU: torch.sparse
-(MKL CSR kernels); CUDA: the Triton kernels in triton_kernels.py. The dense
-reference :func:`delta_matmul_reference` builds S densely and lets autograd do the
-rest; tests compare the two.
+(MKL CSR kernels) for the products, the native kernel of cpu_sddmm.py for the SDDMM
+(torch.sparse.sampled_addmm when it cannot be built); CUDA: the Triton kernels in
+triton_kernels.py. The dense references :func:`delta_matmul_reference` (builds S densely
+and lets autograd do the rest) and :func:`sddmm_reference` are what the tests compare to.
+(grad_x = torch.mm(grad_y, CSR(S)) would spare the CSR of S^T but is 2-3x slower on the
+CPU, see benchmarks/bench_sddmm.py.)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import cpu_sddmm
 from .dispatch import use_triton
 from .layout import CsrLayout
 
@@ -58,7 +62,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         cdt = _compute_dtype(x2d)
         xc = x2d.to(cdt)
         v = values.to(cdt) * scale
-        y = _spmm_t(xc, layout.crow, layout.col, v[layout.order], out_f, in_f)  # (T, out)
+        y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)  # (T, out)
         ctx.save_for_backward(x2d, values)
         ctx.layout, ctx.scale = layout, scale
         return y.to(x2d.dtype)
@@ -73,7 +77,8 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
             v = values.to(cdt) * ctx.scale
-            grad_x = _spmm_t(gy, layout.crow_t, layout.col_t, v[layout.order_t], in_f, out_f).to(x2d.dtype)
+            lt = layout.transposed()
+            grad_x = _spmm_t(gy, lt.crow, lt.col, lt.rowmajor(v), in_f, out_f).to(x2d.dtype)
         if ctx.needs_input_grad[1]:
             grad_v = (sddmm(gy, x2d.to(cdt), layout) * ctx.scale).to(values.dtype)
         return grad_x, grad_v, None, None
@@ -84,6 +89,7 @@ def sddmm(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
 
     grad_y: (T, out), x: (T, in), same float dtype (float32/float64 on the CPU). Whole
     rows/columns of the pattern (``layout.blocks``) come from dense sub-GEMMs.
+    Reference: :func:`sddmm_reference`.
     """
     b = layout.blocks
     if b is None:
@@ -101,21 +107,22 @@ def sddmm(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
 
 
 def _sddmm_sparse(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
-    out_f, in_f = layout.shape
     if use_triton(x):
         from . import triton_kernels
 
-        rows_rm = torch.repeat_interleave(torch.arange(out_f, device=x.device), layout.crow.diff())
-        sampled = triton_kernels.sddmm(grad_y, x, rows_rm, layout.col).to(x.dtype)
-        out = torch.empty_like(sampled)
-        out[layout.order] = sampled
-        return out
-    pattern = _csr(layout.crow, layout.col, torch.zeros(layout.col.shape[0], dtype=x.dtype, device=x.device),
-                   (out_f, in_f))
-    sampled = torch.sparse.sampled_addmm(pattern, grad_y.t().contiguous(), x, beta=0.0)
-    out = torch.empty_like(sampled.values())
-    out[layout.order] = sampled.values()
-    return out
+        sampled = triton_kernels.sddmm(grad_y, x, layout.row, layout.col).to(x.dtype)
+    elif cpu_sddmm.usable(x, layout.row):
+        sampled = cpu_sddmm.sddmm(grad_y, x, layout.row, layout.col)
+    else:
+        zeros = torch.zeros(layout.col.shape[0], dtype=x.dtype, device=x.device)
+        pattern = _csr(layout.crow, layout.col, zeros, layout.shape)
+        sampled = torch.sparse.sampled_addmm(pattern, grad_y.t().contiguous(), x, beta=0.0).values()
+    return layout.from_rowmajor(sampled)
+
+
+def sddmm_reference(grad_y: Tensor, x: Tensor, indices: Tensor) -> Tensor:
+    """Dense reference of :func:`sddmm`: ``(grad_y^T @ x)[rows, cols]`` (nnz,), stored order."""
+    return (grad_y.t() @ x)[indices[0].long(), indices[1].long()]
 
 
 class _FusedValuesGrad(torch.autograd.Function):

@@ -54,10 +54,11 @@ def test_csr_spmm_forward_and_grad_x(out_f, in_f, nnz):
     dense = torch.zeros(out_f, in_f, dtype=torch.float64)
     dense[idx[0], idx[1]] = v.double()
     x = torch.randn(11, in_f)
-    y = tk.csr_spmm_add_(torch.zeros(11, out_f), x, layout.crow, layout.col, v[layout.order], 0.7, block_t=4)
+    y = tk.csr_spmm_add_(torch.zeros(11, out_f), x, layout.crow, layout.col, layout.rowmajor(v), 0.7, block_t=4)
     torch.testing.assert_close(y.double(), 0.7 * x.double() @ dense.t(), atol=1e-5, rtol=1e-5)
     gy = torch.randn(11, out_f)  # grad_x = grad_y @ S uses the CSR of S^T
-    gx = tk.csr_spmm_add_(torch.zeros(11, in_f), gy, layout.crow_t, layout.col_t, v[layout.order_t], 0.7, block_t=4)
+    lt = layout.transposed()
+    gx = tk.csr_spmm_add_(torch.zeros(11, in_f), gy, lt.crow, lt.col, lt.rowmajor(v), 0.7, block_t=4)
     torch.testing.assert_close(gx.double(), 0.7 * gy.double() @ dense, atol=1e-5, rtol=1e-5)
 
 

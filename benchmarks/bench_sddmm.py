@@ -1,0 +1,113 @@
+"""CPU micro-benchmark of the sparse kernels behind a SHiRA layer's backward, side by side.
+
+    python benchmarks/bench_sddmm.py            # T=1024 tokens, r=32, 2 threads
+    python benchmarks/bench_sddmm.py --repeats 5 --no-inductor
+
+Every time is the median of ``--steps`` calls, divided by the dense forward matmul
+``x @ W.T`` of the same layer measured in the same round; each round runs all methods, and
+the table shows the median ratio over ``--repeats`` rounds (the machine may be shared).
+Transposed copies a method needs are included in its time.
+
+SDDMM (values gradient, (nnz,)):
+  dense           (grad_y^T @ x) then gather the nnz entries
+  sampled_addmm   torch.sparse.sampled_addmm on CSR(S), with grad_y^T made contiguous
+  inductor        torch.compile gather-multiply-reduce on transposed copies of grad_y and x
+  native          shira_dist's C++ kernel (kernels/cpu_sddmm.cpp), the default CPU path
+grad_x = grad_y @ S:
+  csr(S^T) spmm   torch.sparse.mm on a CSR of S^T (needs a second index copy)
+  mm(gy, csr S)   torch.mm(grad_y, CSR(S)): only the CSR of S
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+
+import torch
+from bench_train import _median_time  # benchmarks/ is on sys.path when run as a script
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _inputs(out_f: int, in_f: int, tokens: int, r: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    nnz = r * (in_f + out_f)
+    flat = torch.randperm(out_f * in_f, generator=g)[:nnz].sort().values
+    rows, cols = flat // in_f, flat % in_f
+    x, gy = torch.randn(tokens, in_f, generator=g), torch.randn(tokens, out_f, generator=g)
+    return rows, cols, x, gy, torch.randn(out_f, in_f, generator=g)
+
+
+def _crow(major: torch.Tensor, n: int) -> torch.Tensor:
+    crow = torch.zeros(n + 1, dtype=torch.int32)
+    crow[1:] = torch.cumsum(torch.bincount(major, minlength=n), 0)
+    return crow
+
+
+def methods(out_f: int, in_f: int, rows, cols, x, gy, use_inductor: bool) -> dict:
+    from shira_dist.kernels import cpu_sddmm
+
+    nnz = rows.numel()
+    r32, c32 = rows.int(), cols.int()
+    pattern = torch.sparse_csr_tensor(_crow(rows, out_f), c32, torch.zeros(nnz), (out_f, in_f))
+    s_csr = torch.sparse_csr_tensor(_crow(rows, out_f), c32, torch.randn(nnz), (out_f, in_f))
+    order_t = torch.argsort(cols * out_f + rows)
+    s_t = torch.sparse_csr_tensor(_crow(cols, in_f), r32[order_t], s_csr.values()[order_t], (in_f, out_f))
+    flat = rows * in_f + cols
+    m = {
+        "sddmm dense": lambda: (gy.t() @ x).view(-1)[flat],
+        "sddmm sampled_addmm": lambda: torch.sparse.sampled_addmm(pattern, gy.t().contiguous(), x, beta=0.0),
+        "sddmm native": lambda: cpu_sddmm.sddmm(gy, x, r32, c32),
+        "grad_x csr(S^T) spmm": lambda: torch.sparse.mm(s_t, gy.t()).t(),
+        "grad_x mm(gy, csr S)": lambda: torch.mm(gy, s_csr),
+    }
+    if use_inductor:
+        gather_reduce = torch.compile(lambda a, b, i, j: (a[i] * b[j]).sum(-1), dynamic=True)
+        m["sddmm inductor"] = lambda: gather_reduce(gy.t().contiguous(), x.t().contiguous(), rows, cols)
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--r", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shapes", nargs="+", default=["2816x1024", "1024x2816", "1024x1024"],
+                    help="(out)x(in) weight shapes")
+    ap.add_argument("--no-inductor", action="store_true", help="skip the torch.compile variant")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from shira_dist.kernels import cpu_sddmm
+
+    if cpu_sddmm.library() is None:
+        raise SystemExit("the native SDDMM kernel did not build (see the warning above)")
+    table: dict[str, dict[str, float]] = {}
+    fwd_ms: dict[str, float] = {}
+    for shape in args.shapes:
+        out_f, in_f = (int(s) for s in shape.split("x"))
+        rows, cols, x, gy, w = _inputs(out_f, in_f, args.tokens, args.r)
+        ms = methods(out_f, in_f, rows, cols, x, gy, not args.no_inductor)
+        ratios: dict[str, list[float]] = {name: [] for name in ms}
+        fwds = []
+        for _ in range(args.repeats):
+            fwd = _median_time(lambda: x @ w.t(), args.steps)
+            fwds.append(fwd)
+            for name, fn in ms.items():
+                ratios[name].append(_median_time(fn, args.steps) / fwd)
+        fwd_ms[shape] = statistics.median(fwds) * 1e3
+        for name, vals in ratios.items():
+            table.setdefault(name, {})[shape] = statistics.median(vals)
+    print(f"\nT={args.tokens}, r={args.r}, {args.threads} threads, fp32; time / forward matmul x @ W.T "
+          f"(median of {args.repeats} rounds)\n")
+    print("| method | " + " | ".join(args.shapes) + " |")
+    print("|---|" + "---|" * len(args.shapes))
+    print("| forward x @ W.T, ms | " + " | ".join(f"{fwd_ms[s]:.1f}" for s in args.shapes) + " |")
+    for name, row in table.items():
+        print(f"| {name} | " + " | ".join(f"{row[s]:.2f}x" for s in args.shapes) + " |")
+
+
+if __name__ == "__main__":
+    main()

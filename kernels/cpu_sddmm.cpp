@@ -1,0 +1,112 @@
+// CPU SDDMM for SHiRA's values gradient (built and loaded by cpu_sddmm.py through ctypes).
+//
+//   out[k] = sum_t gy[t, rows[k]] * x[t, cols[k]]      gy: (T, n_out), x: (T, n_in) row-major
+//
+// Tokens are split into one contiguous range per thread; each thread walks its range in
+// tiles of TB tokens, transposes the gy and x tiles into small buffers that stay in L2
+//   gyt: (n_out, TB)   xt: (n_in, TB)      (rows zero-padded past the last token)
+// and adds, for every entry k, the TB-long dot product gyt[rows[k]] . xt[cols[k]]
+// (contiguous, vectorised, four entries at a time) to its own partial sum; the partials are
+// added at the end. No (n_out, n_in) tensor and no full transposed copy is ever made.
+// Entries may come in any order; row-major order reuses gyt rows best.
+#include <algorithm>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CB = 16;  // columns per transpose block
+
+// Tokens per tile: 512-byte tile rows (128 fp32, 64 fp64), so that for layers up to about
+// 4k wide both tile buffers fit a 2 MB L2.
+template <typename S>
+struct Tile {
+  static constexpr int64_t TB = 512 / sizeof(S);
+
+  // dst[c * TB + j] = src[j * ld + c] for j < tb, 0 for tb <= j < TB. Scalar on purpose:
+  // vectorised, this loop becomes scatter stores, which are slower.
+  __attribute__((optimize("no-tree-vectorize"))) static void transpose(const S* src, int64_t ld, int64_t n,
+                                                                        int64_t tb, S* dst) {
+    for (int64_t c0 = 0; c0 < n; c0 += CB) {
+      const int64_t c1 = std::min(n, c0 + CB);
+      for (int64_t j = 0; j < tb; ++j)
+        for (int64_t c = c0; c < c1; ++c) dst[c * TB + j] = src[j * ld + c];
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t j = tb; j < TB; ++j) dst[c * TB + j] = S(0);
+    }
+  }
+
+  // acc[k] += gyt[rows[k]] . xt[cols[k]] for k in [0, nnz)
+  static void dots(const S* gyt, const S* xt, const int32_t* rows, const int32_t* cols, int64_t nnz, S* acc) {
+    int64_t k = 0;
+    for (; k + 4 <= nnz; k += 4) {  // four independent dot products keep the FMA units busy
+      const S *a0 = gyt + rows[k] * TB, *a1 = gyt + rows[k + 1] * TB;
+      const S *a2 = gyt + rows[k + 2] * TB, *a3 = gyt + rows[k + 3] * TB;
+      const S *b0 = xt + cols[k] * TB, *b1 = xt + cols[k + 1] * TB;
+      const S *b2 = xt + cols[k + 2] * TB, *b3 = xt + cols[k + 3] * TB;
+      S s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t j = 0; j < TB; ++j) {
+        s0 += a0[j] * b0[j];
+        s1 += a1[j] * b1[j];
+        s2 += a2[j] * b2[j];
+        s3 += a3[j] * b3[j];
+      }
+      acc[k] += s0;
+      acc[k + 1] += s1;
+      acc[k + 2] += s2;
+      acc[k + 3] += s3;
+    }
+    for (; k < nnz; ++k) {
+      const S *a = gyt + rows[k] * TB, *b = xt + cols[k] * TB;
+      S s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < TB; ++j) s += a[j] * b[j];
+      acc[k] += s;
+    }
+  }
+
+  // acc (nnz,) = the sum over tokens [t0, t1)
+  static void range(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
+                    int64_t n_out, int64_t n_in, int64_t t0, int64_t t1, S* acc) {
+    std::vector<S> gyt(n_out * TB), xt(n_in * TB);
+    std::fill(acc, acc + nnz, S(0));
+    for (int64_t ts = t0; ts < t1; ts += TB) {
+      const int64_t tb = std::min(TB, t1 - ts);
+      transpose(gy + ts * n_out, n_out, n_out, tb, gyt.data());
+      transpose(x + ts * n_in, n_in, n_in, tb, xt.data());
+      dots(gyt.data(), xt.data(), rows, cols, nnz, acc);
+    }
+  }
+
+  static void sddmm(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz, int64_t T,
+                    int64_t n_out, int64_t n_in, int64_t n_threads, S* out) {
+    // Each thread gets a whole number of tiles; no more threads than tiles.
+    const int64_t n_tiles = (T + TB - 1) / TB;
+    const int64_t p = std::max<int64_t>(1, std::min(n_threads, n_tiles));
+    const int64_t span = (n_tiles + p - 1) / p * TB;  // tokens per thread
+    std::vector<S> partial((p - 1) * nnz);
+    std::vector<std::thread> workers;
+    for (int64_t i = 1; i < p; ++i)
+      workers.emplace_back(range, gy, x, rows, cols, nnz, n_out, n_in, std::min(T, i * span),
+                           std::min(T, (i + 1) * span), partial.data() + (i - 1) * nnz);
+    range(gy, x, rows, cols, nnz, n_out, n_in, 0, std::min(T, span), out);
+    for (auto& w : workers) w.join();
+    for (int64_t i = 1; i < p; ++i)
+      for (int64_t k = 0; k < nnz; ++k) out[k] += partial[(i - 1) * nnz + k];
+  }
+};
+
+}  // namespace
+
+extern "C" {
+void shira_sddmm_f32(const float* gy, const float* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
+                     int64_t T, int64_t n_out, int64_t n_in, int64_t n_threads, float* out) {
+  Tile<float>::sddmm(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
+}
+void shira_sddmm_f64(const double* gy, const double* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
+                     int64_t T, int64_t n_out, int64_t n_in, int64_t n_threads, double* out) {
+  Tile<double>::sddmm(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
+}
+}

@@ -1,0 +1,118 @@
+"""The native CPU SDDMM (cpu_sddmm.cpp): built once with the system C++ compiler, called via ctypes.
+
+    out[k] = Σ_t grad_y[t, rows[k]] · x[t, cols[k]]      grad_y: (T, out), x: (T, in)
+
+Why a small C++ kernel: on the CPU, ``torch.sparse.sampled_addmm`` (MKL) costs about as much
+as the layer's forward matmul, and torch.compile's gather-reduce needs transposed copies of
+grad_y and x that cost as much again; the kernel transposes tiles of 128 tokens into
+L2-sized buffers instead (see the .cpp header). benchmarks/bench_sddmm.py compares them.
+
+The library is compiled on first use (about a second; ``-march=native``) into
+``$SHIRA_DIST_CACHE`` (default ``~/.cache/shira_dist``), under a name that hashes the source,
+the flags and the CPU, so a shared home across different machines is safe. Without a
+compiler, :func:`library` returns None (with one warning) and callers fall back to
+torch.sparse. ``SHIRA_DIST_CPU_SDDMM`` chooses: "auto" (default: native if it builds),
+"native" (error if it does not), "torch" (always torch.sparse).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+CHOICES = ("auto", "native", "torch")
+_SOURCE = Path(__file__).with_name("cpu_sddmm.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+_FUNCS = {torch.float32: "shira_sddmm_f32", torch.float64: "shira_sddmm_f64"}
+
+
+def choice() -> str:
+    value = os.environ.get("SHIRA_DIST_CPU_SDDMM", "auto")
+    if value not in CHOICES:
+        raise ValueError(f"SHIRA_DIST_CPU_SDDMM={value!r} is invalid; allowed: {CHOICES}")
+    return value
+
+
+def usable(x: Tensor, rows: Tensor) -> bool:
+    """Whether :func:`sddmm` takes these inputs (CPU, fp32/fp64, int32 indices) and is chosen."""
+    if x.device.type != "cpu" or x.dtype not in _FUNCS or rows.dtype != torch.int32:
+        return False
+    want = choice()
+    if want == "torch":
+        return False
+    if library() is None:
+        if want == "native":
+            raise RuntimeError("SHIRA_DIST_CPU_SDDMM=native but the native SDDMM kernel did not build "
+                               "(see the warning above); use 'auto' or 'torch'")
+        return False
+    return True
+
+
+def _cpu_id() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel library, building it on first use; None if it cannot be built."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        warnings.warn("shira_dist: no C++ compiler found; the CPU SDDMM falls back to torch.sparse (slower)")
+        return None
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *_FLAGS]).encode() + _cpu_id().encode())
+    cache = Path(os.environ.get("SHIRA_DIST_CACHE", Path.home() / ".cache" / "shira_dist"))
+    path = cache / f"cpu_sddmm_{key.hexdigest()[:16]}.so"
+    try:
+        if not path.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe with
+                built = Path(tmp) / path.name                    # several processes building at once
+                subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True,
+                               capture_output=True, text=True)
+                os.replace(built, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"shira_dist: building the native CPU SDDMM failed; falling back to torch.sparse "
+                      f"(slower): {detail[-2000:]}")
+        return None
+    for name in _FUNCS.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+        fn.restype = None
+    return lib
+
+
+def sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """grad_y: (T, out), x: (T, in) same dtype (fp32/fp64, CPU); rows/cols: (nnz,) int32 -> (nnz,).
+
+    Uses ``torch.get_num_threads()`` threads. Check :func:`usable` first.
+    """
+    if grad_y.dtype != x.dtype or grad_y.shape[0] != x.shape[0]:
+        raise ValueError(f"sddmm: grad_y {tuple(grad_y.shape)} {grad_y.dtype} and x {tuple(x.shape)} {x.dtype} "
+                         "need the same dtype and number of tokens")
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native SDDMM kernel is not available; check usable() first")
+    grad_y, x = grad_y.contiguous(), x.contiguous()
+    rows, cols = rows.contiguous(), cols.contiguous()
+    out = torch.empty(rows.numel(), dtype=x.dtype)
+    getattr(lib, _FUNCS[x.dtype])(grad_y.data_ptr(), x.data_ptr(), rows.data_ptr(), cols.data_ptr(), rows.numel(),
+                                  x.shape[0], grad_y.shape[1], x.shape[1], torch.get_num_threads(), out.data_ptr())
+    return out

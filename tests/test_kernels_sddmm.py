@@ -1,0 +1,120 @@
+"""kernels/: every CPU SDDMM path and the compact CSR layouts, against dense fp64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shira_dist.kernels import build_csr_layout, cpu_sddmm, sddmm, sddmm_reference, sparse_delta_matmul
+from shira_dist.masks import sample_distinct
+
+
+def _pattern(out_f, in_f, nnz, seed, shuffle=False, empty_rows=False):
+    g = torch.Generator().manual_seed(seed)
+    rows_allowed = out_f // 2 if empty_rows else out_f  # rows >= rows_allowed stay empty
+    flat = sample_distinct(rows_allowed * in_f, nnz, g, torch.device("cpu"))
+    idx = torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
+    return idx[:, torch.randperm(nnz, generator=g)] if shuffle else idx
+
+
+# (out, in, nnz, T): T around the native kernel's tiles (128 fp32 / 64 fp64 tokens) and
+# around the split of tokens between threads; widths not multiples of anything.
+CASES = [(7, 13, 20, 1), (13, 7, 30, 5), (64, 33, 200, 64), (50, 70, 900, 127), (50, 70, 900, 128),
+         (70, 50, 900, 129), (33, 129, 1000, 300), (1, 40, 10, 257), (40, 1, 5, 65)]
+
+
+@pytest.mark.parametrize("choice", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("out_f,in_f,nnz,T", CASES)
+@pytest.mark.parametrize("shuffle,empty_rows", [(False, False), (True, True)])
+def test_sddmm_paths_match_dense_fp64(monkeypatch, choice, dtype, out_f, in_f, nnz, T, shuffle, empty_rows):
+    monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", choice)
+    nnz = min(nnz, max(1, out_f // 2 if empty_rows else out_f) * in_f)
+    idx = _pattern(out_f, in_f, nnz, seed=out_f + 7 * T, shuffle=shuffle, empty_rows=empty_rows and out_f > 1)
+    layout = build_csr_layout(idx, (out_f, in_f))
+    g = torch.Generator().manual_seed(T)
+    gy, x = torch.randn(T, out_f, generator=g, dtype=dtype), torch.randn(T, in_f, generator=g, dtype=dtype)
+    assert cpu_sddmm.usable(x, layout.row) == (choice == "native")
+    got = sddmm(gy, x, layout)
+    ref = sddmm_reference(gy.double(), x.double(), idx)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5 * T**0.5
+    assert got.dtype == dtype and got.shape == (nnz,)
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_sddmm_any_thread_count(threads):
+    # Tokens are split into per-thread tile ranges (3 threads: 128+128+44 tokens); sums must not change.
+    idx = _pattern(45, 38, 400, seed=11)
+    g = torch.Generator().manual_seed(0)
+    gy, x = torch.randn(300, 45, generator=g, dtype=torch.float64), torch.randn(300, 38, generator=g, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_sddmm.sddmm(gy, x, idx[0].contiguous(), idx[1].contiguous())
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, sddmm_reference(gy, x, idx), rtol=1e-12, atol=1e-12)
+
+
+def test_native_sddmm_hand_set_entries():
+    gy = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # (T=3, out=2)
+    x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # (T=3, in=3)
+    rows, cols = torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([2, 0, 1], dtype=torch.int32)
+    # (gy^T x)[0,2] = 1*2+3*1+5*0 = 5; [1,0] = 2*1+4*0+6*1 = 8; [1,1] = 2*0+4*1+6*1 = 10
+    assert cpu_sddmm.sddmm(gy, x, rows, cols).tolist() == [5.0, 8.0, 10.0]
+
+
+def test_fallback_without_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SHIRA_DIST_CACHE", str(tmp_path))
+    cpu_sddmm.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="falling back to torch.sparse"):
+            assert cpu_sddmm.library() is None
+        idx = _pattern(20, 30, 100, seed=3)
+        layout = build_csr_layout(idx, (20, 30))
+        gy, x = torch.randn(9, 20, dtype=torch.float64), torch.randn(9, 30, dtype=torch.float64)
+        assert not cpu_sddmm.usable(x, layout.row)
+        torch.testing.assert_close(sddmm(gy, x, layout), sddmm_reference(gy, x, idx), rtol=1e-12, atol=1e-12)
+        monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", "native")
+        with pytest.raises(RuntimeError, match="SHIRA_DIST_CPU_SDDMM=native but the native SDDMM kernel did not"):
+            cpu_sddmm.usable(x, layout.row)
+    finally:
+        cpu_sddmm.library.cache_clear()
+    monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", "fast")
+    with pytest.raises(ValueError, match="SHIRA_DIST_CPU_SDDMM='fast' is invalid"):
+        cpu_sddmm.choice()
+
+
+def test_sorted_int32_layout_adds_no_per_entry_memory():
+    idx = _pattern(40, 30, 200, seed=5)  # row-major sorted, int32: the usual stored form
+    layout = build_csr_layout(idx, (40, 30))
+    assert layout.order is None
+    assert layout.row.data_ptr() == idx[0].data_ptr() and layout.col.data_ptr() == idx[1].data_ptr()
+    assert layout.crow.dtype == torch.int32 and layout.crow.shape == (41,)
+    assert layout._t is None  # the CSR of S^T waits for an unfused backward that needs grad_x
+    v = torch.randn(200)
+    x = torch.randn(3, 30, requires_grad=True)
+    sparse_delta_matmul(x, v, layout, 1.0).sum().backward()
+    lt = layout._t
+    assert lt is not None and lt is layout.transposed()  # built by the backward, then kept
+    assert lt.shape == (30, 40) and lt.col.dtype == lt.order.dtype == lt.crow.dtype == torch.int32
+    dense = torch.zeros(40, 30)
+    dense[idx[0].long(), idx[1].long()] = v
+    assert torch.equal(lt.rowmajor(v), dense.t()[lt.row.long(), lt.col.long()])
+    assert torch.equal(lt.crow.diff(), (dense.t() != 0).sum(1).to(torch.int32))
+
+
+def test_shuffled_layout_round_trips_values():
+    idx = _pattern(25, 16, 150, seed=6, shuffle=True)
+    layout = build_csr_layout(idx.long(), (25, 16))
+    assert layout.order is not None and layout.order.dtype == layout.col.dtype == torch.int32
+    v = torch.randn(150)
+    rm = layout.rowmajor(v)
+    key = layout.row.long() * 16 + layout.col.long()
+    assert bool((key[1:] > key[:-1]).all())  # row-major
+    dense = torch.zeros(25, 16)
+    dense[idx[0].long(), idx[1].long()] = v
+    assert torch.equal(rm, dense[layout.row.long(), layout.col.long()])
+    assert torch.equal(layout.from_rowmajor(rm), v)
