@@ -76,6 +76,17 @@ def _batch_loss(model: nn.Module, batch: Batch, i: int, loss_fn: Optional[LossFn
     return loss
 
 
+def _require_whole(name: str, weight: Tensor) -> None:
+    """Scores need every entry of a weight on this rank: refuse a sharded one (FSDP/ZeRO-3)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor) or hasattr(weight, "ds_id"):
+        kind = "an FSDP2 DTensor shard" if isinstance(weight, DTensor) else "a DeepSpeed ZeRO-3 partition"
+        raise ValueError(f"{name}.weight is {kind}: data-driven masks (mask_type gradient/snip) are computed on the "
+                         "whole model before sharding — call get_peft_model(..., calibration_data=...) first, then "
+                         "shira_dist.distributed.sync_adapters and shard (the training job does this)")
+
+
 def calibration_scores(model: nn.Module, config: ShiraConfig, batches: Iterable[Batch],
                        loss_fn: Optional[LossFn] = None) -> dict[str, Tensor]:
     """Accumulated importance per targeted module: {module path: (out, in) float32 scores}.
@@ -90,6 +101,8 @@ def calibration_scores(model: nn.Module, config: ShiraConfig, batches: Iterable[
                          f"applies to mask_type in {sorted(CALIBRATED_MASKS)}")
     score_fn = CALIBRATED_MASKS[config.mask_type][0]
     targets = _target_weights(model, config)
+    for name, base in targets:
+        _require_whole(name, base.weight)
     weights = {id(base.weight): base.weight for _, base in targets}  # a tied weight counts once
     scores = {key: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for key, w in weights.items()}
 

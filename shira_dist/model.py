@@ -326,7 +326,7 @@ class ShiraModel(nn.Module):
                 out[f"{ckpt.KEY_PREFIX}{name}{ckpt.INDICES_SUFFIX}"] = layer.shira_indices[adapter_name].to(torch.int32)
         for name, module in self._saved_modules():
             if adapter_name in module.modules_to_save:
-                for k, v in module.modules_to_save[adapter_name].state_dict().items():
+                for k, v in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():  # the live tensors (engines gather them)
                     out[f"{ckpt.KEY_PREFIX}{name}.{k}"] = v
         return out
 

@@ -165,3 +165,22 @@ def test_trainable_bytes_is_the_adapter_size():
     nnz = sum(layer.shira_weight["default"].numel() for _, layer in model.shira_layers())
     assert trainable_bytes(model) == 4 * nnz == 4 * 2 * sum(m.in_features + m.out_features for _, m in model.shira_layers())
 
+
+
+def test_calibration_refuses_an_fsdp2_sharded_model():
+    from torch.distributed.fsdp import fully_shard
+
+    from shira_dist import calibrate_masks
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        base = tiny_llama()
+        for layer in base.model.layers:
+            fully_shard(layer)
+        batch = {"input_ids": torch.randint(0, 64, (2, 8)), "labels": torch.randint(0, 64, (2, 8))}
+        cfg = ShiraConfig(r=2, target_modules=TARGETS, mask_type="gradient")
+        with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj\.weight is an FSDP2 DTensor shard.*"
+                                             r"before sharding"):
+            calibrate_masks(base, cfg, [batch])
+    finally:
+        dist.destroy_process_group()

@@ -2,7 +2,8 @@
 
     local      torchrun --standalone, 2 processes (gloo), strategy ddp
     torchrun   two agents on 127.0.0.1, --nnodes 2 --node-rank 0/1, one c10d rendezvous
-    deepspeed  the deepspeed runner with a one-host hostfile (localhost slots=2), strategy ddp
+    deepspeed  the deepspeed runner with a one-host hostfile (localhost slots=2), strategy deepspeed
+               (ZeRO-2, configs/deepspeed/zero2.json)
     slurm      a local SLURM cluster (tests/slurm) runs a 2-node job: srun + one torchrun agent per
                node, rendezvous at the head node's NodeAddr; or srun starting both ranks itself
 
@@ -143,13 +144,16 @@ def test_two_torchrun_agents_form_one_job(tmp_path):
 
 def test_deepspeed_runner_with_local_hostfile(tmp_path):
     proc = shira_launch("deepspeed", "--config", TINY, "--hosts", "localhost:2", "--runs-dir", tmp_path, STEPS,
-                        "distributed.strategy=ddp", env=launch_env({"DS_ACCELERATOR": "cpu"}))
+                        "distributed.strategy=deepspeed",
+                        f"distributed.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
+                        env=launch_env({"DS_ACCELERATOR": "cpu",
+                                        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     assert (run_dir / "hostfile").read_text() == "localhost slots=2\n"
     assert_launch_records(run_dir, "deepspeed")
     assert "dist_world_size=2" in (run_dir / "logs" / "launch.log").read_text()
-    assert_trained(run_dir, "ddp", 2)
+    assert_trained(run_dir, "deepspeed", 2)
 
 
 def submit(cluster, runs: Path, *args) -> tuple[Path, str]:

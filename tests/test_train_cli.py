@@ -78,19 +78,13 @@ def test_a_bad_run_exits_with_status_2_before_any_process_group(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_sharded_strategies_fail_fast_until_registered(tmp_path, strategy):
+def test_sharded_strategies_are_registered_and_still_fail_fast(tmp_path, strategy):
     from shira_dist.training.strategy import available_strategies
 
-    supported = available_strategies()  # imports shira_dist.distributed, which registers what it has
-    if strategy not in supported:
-        proc = _train(f"distributed.strategy={strategy}", out=tmp_path / "out")
-        assert proc.returncode == 2
-        assert f"distributed.strategy='{strategy}' is not available" in proc.stderr, proc.stderr
-        assert f"supported strategies: {supported}" in proc.stderr
-    else:  # registered: it must still stop before its process group on a bad run
-        proc = _train(f"distributed.strategy={strategy}", "data.prepare=null", "data.train_files=[/nope.jsonl]",
-                      out=tmp_path / "out")
-        assert proc.returncode == 2 and "'/nope.jsonl' does not exist" in proc.stderr, proc.stderr
+    assert strategy in available_strategies()  # importing shira_dist.distributed registers them
+    proc = _train(f"distributed.strategy={strategy}", "data.prepare=null", "data.train_files=[/nope.jsonl]",
+                  out=tmp_path / "out")
+    assert proc.returncode == 2 and "'/nope.jsonl' does not exist" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
 
 

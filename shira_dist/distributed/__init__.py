@@ -10,6 +10,8 @@
     ... train on data_parallel_slice(...) of each global batch ...
     save_adapter(model_or_engine, out_dir)        # gathers the adapter only; rank 0 writes PEFT files
 
+The training job's ``distributed.strategy: fsdp | deepspeed`` are built from these
+(``strategies.py``, registered when this package is imported).
 Every strategy saves the same files, so any run resumes under any other by loading the
 adapter before sharding: ``ShiraModel.from_pretrained(base, dir, is_trainable=True)``.
 FSDP and ZeRO put the layers on the unfused path (see ``use_unfused_path``); DDP keeps "auto".
@@ -23,6 +25,7 @@ from .consistency import MaskMismatchError, broadcast_adapters, check_adapters_c
 from .fsdp import decoder_layers, shard_fsdp1, shard_fsdp2
 from .traffic import CollectiveCounts, count_collectives, route_ddp_through_python, trainable_bytes
 from .zero import deepspeed_config, deepspeed_initialize, register_zero3_external_values, zero_stage_of
+from .strategies import DeepSpeedStrategy, FsdpStrategy  # registers the job's fsdp / deepspeed strategies
 
 __all__ = [
     "MaskMismatchError",
@@ -47,4 +50,6 @@ __all__ = [
     "count_collectives",
     "route_ddp_through_python",
     "trainable_bytes",
+    "FsdpStrategy",
+    "DeepSpeedStrategy",
 ]

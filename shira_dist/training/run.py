@@ -174,7 +174,7 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
               f"(density {adapter['density']:.4%} of the targeted weights), "
               f"{adapter['trainable_parameters']:,d} trainable of {adapter['all_parameters']:,d} parameters")
 
-    strategy = make_strategy(cfg.distributed.strategy, env, device, cfg.distributed)
+    strategy = make_strategy(cfg.distributed.strategy, env, device, cfg)
     strategy.setup(shira, lambda params: torch.optim.AdamW(
         params, lr=tr.learning_rate, betas=tuple(tr.adam_betas), eps=tr.adam_eps, weight_decay=tr.weight_decay))
     scheduler = make_scheduler(strategy.optimizer, tr.lr_schedule, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio)

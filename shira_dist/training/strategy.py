@@ -1,6 +1,6 @@
 """How the model is spread over processes: the contract the training loop talks to.
 
-    strategy = make_strategy("ddp", env, device, cfg.distributed)
+    strategy = make_strategy("ddp", env, device, cfg)  (cfg: the RunConfig)
     strategy.setup(shira_model, make_optimizer)     wrap the model, build the optimizer
     with strategy.no_sync(): ...                    accumulation micro-batches (no gradient sync)
     strategy.backward(loss); strategy.clip_and_step(max_norm); strategy.zero_grad()
@@ -10,8 +10,9 @@
 
 Built in: ``single`` and ``ddp`` (torch DDP over the ShiraModel; only SHiRA values and
 modules_to_save copies are trainable). Sharded strategies (fsdp, deepspeed) plug in with
-``register_strategy(name, factory)`` from ``shira_dist.distributed``; until that module
-registers them, asking for one fails before any process group starts.
+``register_strategy(name, factory)``: importing ``shira_dist.distributed`` registers them
+(``factory(env, device, run_config) -> TrainingStrategy``); if that import fails, asking
+for one fails before any process group starts.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import ShiraModel
+from . import optim_state
 from .dist_env import DistEnv
-from .schema import DistributedConfig
+from .schema import RunConfig
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -49,7 +51,7 @@ class TrainingStrategy(Protocol):
     def replicas_in_sync(self) -> bool: ...  # replicated adapter state is bit-identical on every rank
 
 
-StrategyFactory = Callable[[DistEnv, torch.device, DistributedConfig], TrainingStrategy]
+StrategyFactory = Callable[[DistEnv, torch.device, RunConfig], TrainingStrategy]
 
 
 class SingleStrategy:
@@ -57,8 +59,8 @@ class SingleStrategy:
 
     name = "single"
 
-    def __init__(self, env: DistEnv, device: torch.device, options: DistributedConfig) -> None:
-        self.env, self.device = env, device
+    def __init__(self, env: DistEnv, device: torch.device, cfg: RunConfig) -> None:
+        self.env, self.device, self.cfg = env, device, cfg
         self.shira: Optional[ShiraModel] = None
 
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
@@ -68,6 +70,11 @@ class SingleStrategy:
         if not self.params:
             raise ValueError("the adapter has no trainable parameters (is the adapter in inference mode?)")
         self.optimizer = make_optimizer(self.params)
+
+    def param_names(self) -> list[str]:
+        """The optimizer's parameters' names in the ShiraModel, in optimizer (index) order."""
+        name_of = {id(p): n for n, p in self.shira.named_parameters()}
+        return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     def no_sync(self) -> ContextManager:
         return contextlib.nullcontext()
@@ -90,9 +97,14 @@ class SingleStrategy:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.shira.adapter_state_dict(adapter_name).items()}
 
     def optimizer_state_dict(self) -> Optional[dict]:
-        return self.optimizer.state_dict() if self.env.is_main else None
+        """By-name optimizer state on rank 0 (see optim_state.py), None elsewhere."""
+        if not self.env.is_main:
+            return None
+        return optim_state.to_named(self.optimizer.state_dict(), self.param_names())
 
     def load_optimizer_state_dict(self, state: dict) -> None:
+        if optim_state.is_named(state):
+            state = optim_state.from_named(state, self.param_names(), self.optimizer.param_groups)
         self.optimizer.load_state_dict(state)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -189,14 +201,14 @@ def check_strategy(name: str, env: DistEnv) -> None:
         _load_plugins()
     if name not in _REGISTRY:
         raise ValueError(f"distributed.strategy={name!r} is not available in this installation "
-                         f"({_PLUGIN_MODULE} does not provide it yet); supported strategies: {available_strategies()}")
+                         f"(importing {_PLUGIN_MODULE} did not register it); supported strategies: {available_strategies()}")
     if name == "single" and env.world_size > 1:
         raise ValueError(f"distributed.strategy='single' but the launcher started {env.world_size} processes "
                          f"({env.source}); use distributed.strategy=ddp (or fsdp/deepspeed)")
 
 
-def make_strategy(name: str, env: DistEnv, device: torch.device, options: DistributedConfig) -> TrainingStrategy:
+def make_strategy(name: str, env: DistEnv, device: torch.device, cfg: RunConfig) -> TrainingStrategy:
     check_strategy(name, env)
     if name == "ddp" and not env.distributed:
         name = "single"  # one process: DDP would only add a process group of one
-    return _REGISTRY[name](env, device, options)
+    return _REGISTRY[name](env, device, cfg)
