@@ -124,3 +124,13 @@ def test_deepspeed_config_with_its_own_optimizer_is_refused(tmp_path):
                 ok=False)
     assert proc.returncode != 0
     assert "['optimizer']" in proc.stderr and "training.*" in proc.stderr
+
+
+def test_fsdp_with_a_gradient_mask_uses_rank_zeros_calibration(tmp_path):
+    """Each rank scores its own first micro-batches on the whole model, before sharding; rank 0's
+    mask is broadcast, so the ranks train one adapter (checked bit for bit at the end)."""
+    _job(tmp_path, 2, "distributed.strategy=fsdp", "shira.mask_type=gradient", "shira.calibration_batches=1",
+         "training.max_steps=3")
+    m = _metrics(tmp_path)
+    assert m["replicas_in_sync"] is True and m["train"]["steps"] == 3
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["mask_type"] == "gradient"
