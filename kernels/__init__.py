@@ -5,7 +5,7 @@ everything numerical lives here.
 """
 
 from .layout import CsrLayout, build_csr_layout, flat_index
-from .merge import scatter_merge_, scatter_merge_reference, scatter_restore_
+from .merge import scatter_merge_, scatter_merge_reference, scatter_restore_, scatter_rewrite_
 from .sparse_delta import delta_matmul_reference, fused_values_grad, sddmm, sddmm_reference, sparse_delta_matmul
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "scatter_merge_",
     "scatter_merge_reference",
     "scatter_restore_",
+    "scatter_rewrite_",
     "sparse_delta_matmul",
     "fused_values_grad",
     "sddmm",

@@ -14,11 +14,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .buffer_dict import BufferDict
-from .kernels import scatter_merge_, scatter_restore_
+from .kernels import scatter_merge_, scatter_restore_, scatter_rewrite_
 
 
 def _stamp(values: Tensor, scale: float) -> tuple:
     return (values._version, values.data_ptr(), values.device, float(scale))
+
+
+def _index_stamp(indices: Tensor) -> tuple:
+    return (indices._version, indices.data_ptr(), indices.device)
 
 
 class FusedDelta(nn.Module):
@@ -29,6 +33,7 @@ class FusedDelta(nn.Module):
         self.originals = BufferDict(persistent=False)  # name -> W0[idx] (nnz,)
         self.order: list[str] = []
         self._stamps: dict[str, tuple] = {}
+        self._index_stamps: dict[str, tuple] = {}
 
     @property
     def active(self) -> bool:
@@ -40,11 +45,18 @@ class FusedDelta(nn.Module):
     def write(self, weight: Tensor, names: list[str], indices: dict[str, Tensor], values: dict[str, Tensor],
               scales: dict[str, float]) -> None:
         """Make ``weight`` = W0 + Σ deltas of ``names`` (restoring the previous write first)."""
+        n = names[0] if len(names) == 1 else None
+        if n is not None and self.order == [n] and self._index_stamps[n] == _index_stamp(indices[n]):
+            # the usual step (one adapter, new values): its saved W0 entries are still under the write
+            scatter_rewrite_(weight, indices[n], self.originals[n], values[n], scales[n])
+            self._stamps[n] = _stamp(values[n], scales[n])
+            return
         self.restore(weight, indices)
         for n in names:
             self.originals[n] = scatter_merge_(weight, indices[n], values[n], scales[n])
             self.order.append(n)
             self._stamps[n] = _stamp(values[n], scales[n])
+            self._index_stamps[n] = _index_stamp(indices[n])
 
     def restore(self, weight: Tensor, indices: dict[str, Tensor]) -> None:
         """Put W0 back at every fused index, bit-exactly (last written first)."""
@@ -53,6 +65,7 @@ class FusedDelta(nn.Module):
             scatter_restore_(weight, indices[n], self.originals[n])
             del self.originals[n]
             del self._stamps[n]
+            del self._index_stamps[n]
 
     def unfused_copy(self, weight: Tensor, indices: dict[str, Tensor]) -> Tensor:
         """A copy of ``weight`` with W0 at the fused indices (for state_dict)."""

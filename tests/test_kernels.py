@@ -11,6 +11,7 @@ from shira_dist.kernels import (
     scatter_merge_,
     scatter_merge_reference,
     scatter_restore_,
+    scatter_rewrite_,
     sparse_delta_matmul,
 )
 from shira_dist.masks import sample_distinct
@@ -141,3 +142,19 @@ def test_merge_on_non_contiguous_weight():
     torch.testing.assert_close(w, scatter_merge_reference(w0, idx, v, 2.0), atol=0, rtol=0)
     scatter_restore_(w, idx, orig)
     assert torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rewrite_gives_the_bits_of_restore_then_merge(dtype):
+    # Fused mode re-writes W0[idx] + s*v' after each step from the saved W0 entries.
+    idx = _pattern(21, 19, 90, seed=9)
+    w = torch.randn(21, 19).to(dtype)
+    w0 = w.clone()
+    originals = scatter_merge_(w, idx, torch.randn(90), 0.3)
+    v2 = torch.randn(90)
+    scatter_rewrite_(w, idx, originals, v2, 0.3)
+    expected = w0.clone()
+    scatter_merge_(expected, idx, v2, 0.3)
+    assert torch.equal(_bits(w), _bits(expected))
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 0.0}[dtype]  # one rounding in >= fp32
+    torch.testing.assert_close(w, scatter_merge_reference(w0, idx, v2, 0.3), atol=tol, rtol=tol)
