@@ -3,6 +3,9 @@
 ``SHIRA_DIST_KERNEL_BACKEND`` overrides it: "auto" (default), "torch" (never Triton), or
 "triton" (always; on the CPU only under Triton's interpreter, ``TRITON_INTERPRET=1``, which
 is how the tests cover the Triton dispatch without a GPU).
+
+On the CPU, the values' SDDMM has its own switch, ``SHIRA_DIST_CPU_SDDMM`` = "auto" | "native"
+| "torch" (native C++ kernel or torch.sparse.sampled_addmm), see cpu_sddmm.py.
 """
 
 from __future__ import annotations
