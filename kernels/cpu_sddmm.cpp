@@ -3,12 +3,13 @@
 //   out[k] = sum_t gy[t, rows[k]] * x[t, cols[k]]      gy: (T, n_out), x: (T, n_in) row-major
 //
 // Tokens are split into one contiguous range per thread; each thread walks its range in
-// tiles of TB tokens, transposes the gy and x tiles into small buffers that stay in L2
+// tiles of TB tokens, transposes the gy and x tiles into small buffers
 //   gyt: (n_out, TB)   xt: (n_in, TB)      (rows zero-padded past the last token)
 // and adds, for every entry k, the TB-long dot product gyt[rows[k]] . xt[cols[k]]
 // (contiguous, vectorised, four entries at a time) to its own partial sum; the partials are
 // added at the end. No (n_out, n_in) tensor and no full transposed copy is ever made.
-// Entries may come in any order; row-major order reuses gyt rows best.
+// Entries may come in any order; in row-major order gyt is read row after row (streamed) and
+// only xt is read at random, so TB is chosen to keep xt within about 1 MB of L2.
 #include <algorithm>
 #include <cstdint>
 #include <thread>
@@ -18,11 +19,9 @@ namespace {
 
 constexpr int64_t CB = 16;  // columns per transpose block
 
-// Tokens per tile: 512-byte tile rows (128 fp32, 64 fp64), so that for layers up to about
-// 4k wide both tile buffers fit a 2 MB L2.
-template <typename S>
+// TB tokens per tile (a multiple of 16).
+template <typename S, int64_t TB>
 struct Tile {
-  static constexpr int64_t TB = 512 / sizeof(S);
 
   // dst[c * TB + j] = src[j * ld + c] for j < tb, 0 for tb <= j < TB. Scalar on purpose:
   // vectorised, this loop becomes scatter stores, which are slower.
@@ -80,7 +79,7 @@ struct Tile {
     }
   }
 
-  static void sddmm(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz, int64_t T,
+  static void run(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz, int64_t T,
                     int64_t n_out, int64_t n_in, int64_t n_threads, S* out) {
     // Each thread gets a whole number of tiles; no more threads than tiles.
     const int64_t n_tiles = (T + TB - 1) / TB;
@@ -89,7 +88,7 @@ struct Tile {
     std::vector<S> partial((p - 1) * nnz);
     std::vector<std::thread> workers;
     for (int64_t i = 1; i < p; ++i)
-      workers.emplace_back(range, gy, x, rows, cols, nnz, n_out, n_in, std::min(T, i * span),
+      workers.emplace_back(&Tile::range, gy, x, rows, cols, nnz, n_out, n_in, std::min(T, i * span),
                            std::min(T, (i + 1) * span), partial.data() + (i - 1) * nnz);
     range(gy, x, rows, cols, nnz, n_out, n_in, 0, std::min(T, span), out);
     for (auto& w : workers) w.join();
@@ -98,15 +97,28 @@ struct Tile {
   }
 };
 
+// Tile rows of 1 KB when xt (n_in rows) then stays <= ~1.25 MB, else 512 B, else 256 B.
+template <typename S>
+void sddmm(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz, int64_t T,
+           int64_t n_out, int64_t n_in, int64_t n_threads, S* out) {
+  const int64_t row_bytes = n_in <= 1280 ? 1024 : n_in <= 2816 ? 512 : 256;
+  if (row_bytes == 1024)
+    Tile<S, 1024 / sizeof(S)>::run(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
+  else if (row_bytes == 512)
+    Tile<S, 512 / sizeof(S)>::run(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
+  else
+    Tile<S, 256 / sizeof(S)>::run(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
+}
+
 }  // namespace
 
 extern "C" {
 void shira_sddmm_f32(const float* gy, const float* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
                      int64_t T, int64_t n_out, int64_t n_in, int64_t n_threads, float* out) {
-  Tile<float>::sddmm(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
+  sddmm<float>(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
 }
 void shira_sddmm_f64(const double* gy, const double* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
                      int64_t T, int64_t n_out, int64_t n_in, int64_t n_threads, double* out) {
-  Tile<double>::sddmm(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
+  sddmm<double>(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
 }
 }

@@ -17,10 +17,12 @@ def _pattern(out_f, in_f, nnz, seed, shuffle=False, empty_rows=False):
     return idx[:, torch.randperm(nnz, generator=g)] if shuffle else idx
 
 
-# (out, in, nnz, T): T around the native kernel's tiles (128 fp32 / 64 fp64 tokens) and
-# around the split of tokens between threads; widths not multiples of anything.
-CASES = [(7, 13, 20, 1), (13, 7, 30, 5), (64, 33, 200, 64), (50, 70, 900, 127), (50, 70, 900, 128),
-         (70, 50, 900, 129), (33, 129, 1000, 300), (1, 40, 10, 257), (40, 1, 5, 65)]
+# (out, in, nnz, T): T around the native kernel's tiles (256/128/64 fp32 tokens, half for fp64,
+# by input width: <= 1280, <= 2816, wider) and around the split of tokens between threads;
+# widths not multiples of anything.
+CASES = [(7, 13, 20, 1), (13, 7, 30, 5), (64, 33, 200, 64), (50, 70, 900, 127), (50, 70, 900, 256),
+         (70, 50, 900, 257), (33, 129, 1000, 600), (1, 40, 10, 513), (40, 1, 5, 65),
+         (3, 1500, 300, 129), (2, 2900, 200, 70)]
 
 
 @pytest.mark.parametrize("choice", ["native", "torch"])
@@ -44,7 +46,7 @@ def test_sddmm_paths_match_dense_fp64(monkeypatch, choice, dtype, out_f, in_f, n
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_sddmm_any_thread_count(threads):
-    # Tokens are split into per-thread tile ranges (3 threads: 128+128+44 tokens); sums must not change.
+    # Tokens are split into per-thread tile ranges (fp64, 3 threads: 128+128+44 tokens); sums must not change.
     idx = _pattern(45, 38, 400, seed=11)
     g = torch.Generator().manual_seed(0)
     gy, x = torch.randn(300, 45, generator=g, dtype=torch.float64), torch.randn(300, 38, generator=g, dtype=torch.float64)
