@@ -34,7 +34,11 @@ from torch import Tensor
 
 CHOICES = ("auto", "native", "torch")
 _SOURCE = Path(__file__).with_name("cpu_sddmm.cpp")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+# -fassociative-math (with the two flags it needs) lets the compiler sum each dot product's
+# vector lanes as a tree; without it the 16 lanes are added one after another in order, which
+# made the kernel ~1.3-1.8x slower. The sums' order is arbitrary anyway (tiles, threads).
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+          "-std=c++17", "-shared", "-fPIC", "-pthread"]
 _FUNCS = {torch.float32: "shira_sddmm_f32", torch.float64: "shira_sddmm_f64"}
 
 
