@@ -6,8 +6,10 @@
 Configurations: frozen-base floor (forward + backward through activations only), PEFT LoRA,
 PEFT SHiRA, full fine-tuning of the targeted weights, shira_dist fused (random mask, the
 default mode), shira_dist unfused (random), shira_dist struct mask (fused), all r=32 on the
-7 Llama projections, AdamW. Prints one table of medians and ratios to the floor / base; nothing here is
-asserted. Uses only public APIs (transformers, peft, shira_dist).
+7 Llama projections, AdamW. Prints one table of medians and ratios; nothing here is asserted.
+Step time is compared with the floor's process; inference (one sequence of --infer-tokens)
+with the same model's adapters disabled, in alternating blocks inside one process.
+Uses only public APIs (transformers, peft, shira_dist).
 """
 
 from __future__ import annotations
@@ -67,6 +69,27 @@ def _median_time(fn, steps):
     return statistics.median(times)
 
 
+def _paired_inference(model, fwd, merge, unmerge, rounds: int, steps: int) -> dict:
+    """Inference with the adapter (unmerged, then merged) against the same model with its
+    adapters disabled, in alternating blocks in one process, so machine noise hits all three
+    alike. Each block: one untimed forward (a mode change settles there), then ``steps`` timed.
+    Returns median latencies and the ratios unmerged / base and merged / base."""
+    base, unmerged, merged = [], [], []
+    for _ in range(rounds):
+        with model.disable_adapter():
+            fwd()
+            base.append(_median_time(fwd, steps))
+        fwd()
+        unmerged.append(_median_time(fwd, steps))
+        merge()
+        fwd()
+        merged.append(_median_time(fwd, steps))
+        unmerge()
+    b = statistics.median(base)
+    return {"infer_base_s": b, "infer_unmerged_s": statistics.median(unmerged),
+            "infer_ratio": statistics.median(unmerged) / b, "infer_merged_ratio": statistics.median(merged) / b}
+
+
 def run_one(args, name) -> dict:
     import torch
 
@@ -92,20 +115,15 @@ def run_one(args, name) -> dict:
            "trainable": sum(p.numel() for p in params)}
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model.eval()
-    small = ids[:1, :128]
+    small = ids[:1, :args.infer_tokens]
     with torch.no_grad():
         fwd = lambda: model(small)  # noqa: E731
-        fwd()
-        res["infer_s"] = _median_time(fwd, args.infer_steps)
         if name not in ("floor", "full_ft"):
             if name == "peft_lora" or name == "peft_shira":
                 merge, unmerge = model.base_model.merge_adapter, model.base_model.unmerge_adapter
             else:
                 merge, unmerge = model.merge_adapter, model.unmerge_adapter
-            merge()
-            fwd()
-            res["infer_merged_s"] = _median_time(fwd, args.infer_steps)
-            unmerge()
+            res.update(_paired_inference(model, fwd, merge, unmerge, args.infer_rounds, args.infer_steps))
             res["switch_s"] = _median_time(lambda: (merge(), unmerge()), 3)
             with tempfile.TemporaryDirectory() as d:
                 model.save_pretrained(d)
@@ -123,7 +141,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--infer-steps", type=int, default=5)
+    ap.add_argument("--infer-steps", type=int, default=5, help="timed forwards per inference block")
+    ap.add_argument("--infer-rounds", type=int, default=7, help="alternating base/unmerged/merged blocks")
+    ap.add_argument("--infer-tokens", type=int, default=128, help="tokens of the 1-sequence inference forward")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -134,7 +154,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     rows = []
     for name in args.configs:
-        sizes = ["hidden", "inter", "layers", "vocab", "batch", "seq", "r", "steps", "infer_steps", "threads"]
+        sizes = ["hidden", "inter", "layers", "vocab", "batch", "seq", "r", "steps", "infer_steps", "infer_rounds",
+                 "infer_tokens", "threads"]
         cmd = [sys.executable, __file__, "--one", name]
         for key in sizes:
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
@@ -150,8 +171,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['step_s'] / floor['step_s']:.2f}x" if floor else "-"
-        inf = f"{r['infer_s'] / floor['infer_s']:.2f}x" if floor else "-"
-        minf = f"{r['infer_merged_s'] / floor['infer_s']:.2f}x" if floor and "infer_merged_s" in r else "-"
+        inf = f"{r['infer_ratio']:.3f}x" if "infer_ratio" in r else "-"
+        minf = f"{r['infer_merged_ratio']:.3f}x" if "infer_merged_ratio" in r else "-"
         sw = f"{r['switch_s']:.3f}" if "switch_s" in r else "-"
         mb = f"{r['adapter_mb']:.2f}" if "adapter_mb" in r else "-"
         print(f"| {r['name']} | {r['step_s']:.3f} | {ratio} | {r['peak_rss_mb']:.0f} | {inf} | {minf} | {sw} | {mb} |")
