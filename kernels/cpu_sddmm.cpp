@@ -2,8 +2,10 @@
 //
 //   out[k] = sum_t gy[t, rows[k]] * x[t, cols[k]]      gy: (T, n_out), x: (T, n_in) row-major
 //
-// Tokens are split into one contiguous range per thread; each thread walks its range in
-// tiles of TB tokens, transposes the gy and x tiles (8x8 AVX register blocks for fp32) into buffers
+// Tokens are split into one contiguous range per OpenMP thread (the process's OpenMP pool,
+// which torch's kernels use too: separate threads would compete with its spinning workers,
+// measured up to 2x slower right after a matmul). Each thread walks its range in tiles of TB
+// tokens, transposes the gy and x tiles (8x8 AVX register blocks for fp32) into buffers
 //   gyt: (n_out, TB)   xt: (n_in, TB)      (rows zero-padded past the last token)
 // and adds, for every entry k, the TB-long dot product gyt[rows[k]] . xt[cols[k]]
 // (contiguous, vectorised, four entries at a time) to its own partial sum; the partials are
@@ -12,7 +14,6 @@
 // only xt is read at random, so TB is chosen to keep xt within about 1 MB of L2.
 #include <algorithm>
 #include <cstdint>
-#include <thread>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX__)
@@ -122,12 +123,10 @@ struct Tile {
     const int64_t p = std::max<int64_t>(1, std::min(n_threads, n_tiles));
     const int64_t span = (n_tiles + p - 1) / p * TB;  // tokens per thread
     std::vector<S> partial((p - 1) * nnz);
-    std::vector<std::thread> workers;
-    for (int64_t i = 1; i < p; ++i)
-      workers.emplace_back(&Tile::range, gy, x, rows, cols, nnz, n_out, n_in, std::min(T, i * span),
-                           std::min(T, (i + 1) * span), partial.data() + (i - 1) * nnz);
-    range(gy, x, rows, cols, nnz, n_out, n_in, 0, std::min(T, span), out);
-    for (auto& w : workers) w.join();
+#pragma omp parallel for num_threads(p) schedule(static, 1)
+    for (int64_t i = 0; i < p; ++i)
+      range(gy, x, rows, cols, nnz, n_out, n_in, std::min(T, i * span), std::min(T, (i + 1) * span),
+            i == 0 ? out : partial.data() + (i - 1) * nnz);
     for (int64_t i = 1; i < p; ++i)
       for (int64_t k = 0; k < nnz; ++k) out[k] += partial[(i - 1) * nnz + k];
   }
