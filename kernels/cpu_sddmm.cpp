@@ -12,6 +12,11 @@
 // added at the end. No (n_out, n_in) tensor and no full transposed copy is ever made.
 // Entries may come in any order; in row-major order gyt is read row after row (streamed) and
 // only xt is read at random, so TB is chosen to keep xt within about 1 MB of L2.
+//
+// Sparse products (SHiRA's forward delta x @ S^T and grad_x = gy @ S) use the same tiles:
+//   out[t, dst[k]] += v[k] * in[t, src[k]]   per thread token range: transpose the in tile,
+// one TB-long axpy per entry into an (n_dst, TB) tile, transpose that tile back into out.
+// Threads own disjoint token rows, so there is no reduction and any entry order works.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -47,30 +52,35 @@ inline void transpose8x8(const float* src, int64_t ld_s, float* dst, int64_t ld_
 }
 #endif
 
+// dst[c * ld_d + r] = src[r * ld_s + c] for r < n_r, c < n_c. fp32 with AVX: 8x8 register
+// blocks, the scalar loop for the edges. The scalar loop is kept scalar on purpose:
+// vectorised, it becomes scatter stores, which are slower.
+template <typename S>
+__attribute__((optimize("no-tree-vectorize"))) void flip(const S* src, int64_t ld_s, int64_t n_r, int64_t n_c, S* dst,
+                                                         int64_t ld_d) {
+  for (int64_t c0 = 0; c0 < n_c; c0 += CB) {
+    const int64_t c1 = std::min(n_c, c0 + CB);
+    int64_t r = 0;
+#if defined(__AVX__)
+    if constexpr (std::is_same<S, float>::value) {
+      if (c1 - c0 == CB)
+        for (; r + 8 <= n_r; r += 8)
+          for (int64_t c = c0; c < c1; c += 8) transpose8x8(src + r * ld_s + c, ld_s, dst + c * ld_d + r, ld_d);
+    }
+#endif
+    for (; r < n_r; ++r)
+      for (int64_t c = c0; c < c1; ++c) dst[c * ld_d + r] = src[r * ld_s + c];
+  }
+}
+
 // TB tokens per tile (a multiple of 16).
 template <typename S, int64_t TB>
 struct Tile {
 
-  // dst[c * TB + j] = src[j * ld + c] for j < tb, 0 for tb <= j < TB. fp32 with AVX: 8x8
-  // register blocks, the scalar loop for the edges. The scalar loop is kept scalar on
-  // purpose: vectorised, it becomes scatter stores, which are slower.
-  __attribute__((optimize("no-tree-vectorize"))) static void transpose(const S* src, int64_t ld, int64_t n,
-                                                                        int64_t tb, S* dst) {
-    for (int64_t c0 = 0; c0 < n; c0 += CB) {
-      const int64_t c1 = std::min(n, c0 + CB);
-      int64_t j = 0;
-#if defined(__AVX__)
-      if constexpr (std::is_same<S, float>::value) {
-        if (c1 - c0 == CB)
-          for (; j + 8 <= tb; j += 8)
-            for (int64_t c = c0; c < c1; c += 8) transpose8x8(src + j * ld + c, ld, dst + c * TB + j, TB);
-      }
-#endif
-      for (; j < tb; ++j)
-        for (int64_t c = c0; c < c1; ++c) dst[c * TB + j] = src[j * ld + c];
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t jj = tb; jj < TB; ++jj) dst[c * TB + jj] = S(0);
-    }
+  // dst[c * TB + j] = src[j * ld + c] for j < tb, 0 for tb <= j < TB.
+  static void transpose(const S* src, int64_t ld, int64_t n, int64_t tb, S* dst) {
+    flip(src, ld, tb, n, dst, TB);
+    for (int64_t c = 0; c < n; ++c) std::fill(dst + c * TB + tb, dst + (c + 1) * TB, S(0));
   }
 
   // acc[k] += gyt[rows[k]] . xt[cols[k]] for k in [0, nnz)
@@ -103,6 +113,36 @@ struct Tile {
     }
   }
 
+  // out[t, dst_idx[k]] += vals[k] * in[t, src_idx[k]] for t in [t0, t1); out rows start at 0
+  static void spmm_range(const S* in, const int32_t* src_idx, const int32_t* dst_idx, const S* vals, int64_t nnz,
+                         int64_t n_src, int64_t n_dst, int64_t t0, int64_t t1, S* out) {
+    std::vector<S> it(n_src * TB), ot(n_dst * TB);
+    for (int64_t ts = t0; ts < t1; ts += TB) {
+      const int64_t tb = std::min(TB, t1 - ts);
+      transpose(in + ts * n_src, n_src, n_src, tb, it.data());
+      std::fill(ot.begin(), ot.end(), S(0));
+      for (int64_t k = 0; k < nnz; ++k) {  // one TB-long axpy per entry, vectorised
+        const S v = vals[k];
+        const S* a = it.data() + src_idx[k] * TB;
+        S* o = ot.data() + dst_idx[k] * TB;
+#pragma omp simd
+        for (int64_t j = 0; j < TB; ++j) o[j] += v * a[j];
+      }
+      flip(ot.data(), TB, n_dst, tb, out + ts * n_dst, n_dst);  // the tile back to token-major rows
+    }
+  }
+
+  static void spmm(const S* in, const int32_t* src_idx, const int32_t* dst_idx, const S* vals, int64_t nnz,
+                   int64_t T, int64_t n_src, int64_t n_dst, int64_t n_threads, S* out) {
+    const int64_t n_tiles = (T + TB - 1) / TB;
+    const int64_t p = std::max<int64_t>(1, std::min(n_threads, n_tiles));
+    const int64_t span = (n_tiles + p - 1) / p * TB;  // tokens per thread: each writes its own rows
+#pragma omp parallel for num_threads(p) schedule(static, 1)
+    for (int64_t i = 0; i < p; ++i)
+      spmm_range(in, src_idx, dst_idx, vals, nnz, n_src, n_dst, std::min(T, i * span), std::min(T, (i + 1) * span),
+                 out);
+  }
+
   // acc (nnz,) = the sum over tokens [t0, t1)
   static void range(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
                     int64_t n_out, int64_t n_in, int64_t t0, int64_t t1, S* acc) {
@@ -132,22 +172,46 @@ struct Tile {
   }
 };
 
-// Tile rows of 1 KB when xt (n_in rows) then stays <= ~1.25 MB, else 512 B, else 256 B.
+// Calls fn(Tile<S, TB>{}) with tile rows of 1 KB when an (n_in, TB) tile (the one read or
+// written at random) then stays <= ~1.25 MB, else 512 B, else 256 B.
+template <typename S, typename Fn>
+void with_tile(int64_t n_in, Fn&& fn) {
+  if (n_in <= 1280)
+    fn(Tile<S, 1024 / sizeof(S)>{});
+  else if (n_in <= 2816)
+    fn(Tile<S, 512 / sizeof(S)>{});
+  else
+    fn(Tile<S, 256 / sizeof(S)>{});
+}
+
 template <typename S>
 void sddmm(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz, int64_t T,
            int64_t n_out, int64_t n_in, int64_t n_threads, S* out) {
-  const int64_t row_bytes = n_in <= 1280 ? 1024 : n_in <= 2816 ? 512 : 256;
-  if (row_bytes == 1024)
-    Tile<S, 1024 / sizeof(S)>::run(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
-  else if (row_bytes == 512)
-    Tile<S, 512 / sizeof(S)>::run(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
-  else
-    Tile<S, 256 / sizeof(S)>::run(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
+  with_tile<S>(n_in, [&](auto tile) { decltype(tile)::run(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out); });
+}
+
+// out (T, n_dst) = in (T, n_src) @ A^T for the sparse A (n_dst, n_src) with A[dst_idx[k], src_idx[k]] =
+// vals[k]; n_wide: the layer's in-features (the tile side read or written at random).
+template <typename S>
+void spmm(const S* in, const int32_t* src_idx, const int32_t* dst_idx, const S* vals, int64_t nnz, int64_t T,
+          int64_t n_src, int64_t n_dst, int64_t n_wide, int64_t n_threads, S* out) {
+  with_tile<S>(n_wide, [&](auto tile) {
+    decltype(tile)::spmm(in, src_idx, dst_idx, vals, nnz, T, n_src, n_dst, n_threads, out);
+  });
 }
 
 }  // namespace
 
 extern "C" {
+void shira_spmm_f32(const float* in, const int32_t* src_idx, const int32_t* dst_idx, const float* vals, int64_t nnz,
+                    int64_t T, int64_t n_src, int64_t n_dst, int64_t n_wide, int64_t n_threads, float* out) {
+  spmm<float>(in, src_idx, dst_idx, vals, nnz, T, n_src, n_dst, n_wide, n_threads, out);
+}
+void shira_spmm_f64(const double* in, const int32_t* src_idx, const int32_t* dst_idx, const double* vals,
+                    int64_t nnz, int64_t T, int64_t n_src, int64_t n_dst, int64_t n_wide, int64_t n_threads,
+                    double* out) {
+  spmm<double>(in, src_idx, dst_idx, vals, nnz, T, n_src, n_dst, n_wide, n_threads, out);
+}
 void shira_sddmm_f32(const float* gy, const float* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
                      int64_t T, int64_t n_out, int64_t n_in, int64_t n_threads, float* out) {
   sddmm<float>(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);

@@ -40,12 +40,13 @@ class CsrLayout:
 
     crow: (n_rows+1,), row/col: (nnz,) row and column of each entry in row-major order,
     order: (nnz,) with ``values_rowmajor = values[order]``, or None when the stored order
-    already is row-major. All int32 (int64 only for > 2^31 entries or features).
+    already is row-major. All int32 (int64 only for > 2^31 entries or features). ``row`` is
+    None in the transposed layout (only the SDDMM of S reads it; crow has the same facts).
     """
 
     shape: tuple[int, int]
     crow: Tensor
-    row: Tensor
+    row: Optional[Tensor]
     col: Tensor
     order: Optional[Tensor]
     blocks: Optional["DenseBlocks"] = None
@@ -70,8 +71,8 @@ class CsrLayout:
             perm = torch.argsort(self.col.long() * n_rows + self.row.long())  # row-major of S -> of S^T
             order = perm if self.order is None else self.order[perm]
             dt = self.col.dtype
-            self._t = CsrLayout((n_cols, n_rows), _crow(self.col[perm], n_cols, dt), self.col[perm],
-                                self.row[perm], order.to(dt))
+            self._t = CsrLayout((n_cols, n_rows), _crow(self.col[perm], n_cols, dt), None, self.row[perm],
+                                order.to(dt))
         return self._t
 
 

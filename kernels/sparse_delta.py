@@ -6,13 +6,12 @@
     backward  grad_x = grad_y @ (s*S)                 CSR(S^T) @ grad_y^T
               grad_v = s * (grad_y^T @ x)[rows, cols]  SDDMM: only the nnz dot products
 
-No (out, in) tensor (weight copy or weight gradient) is ever allocated. CPU: torch.sparse
-(MKL CSR kernels) for the products, the native kernel of cpu_sddmm.py for the SDDMM
-(torch.sparse.sampled_addmm when it cannot be built); CUDA: the Triton kernels in
-triton_kernels.py. The dense references :func:`delta_matmul_reference` (builds S densely
-and lets autograd do the rest) and :func:`sddmm_reference` are what the tests compare to.
-(grad_x = torch.mm(grad_y, CSR(S)) would spare the CSR of S^T but is 2-3x slower on the
-CPU, see benchmarks/bench_sddmm.py.)
+No (out, in) tensor (weight copy or weight gradient) is ever allocated. CPU: the native
+kernels of cpu_sddmm.py (token-tiled, from the row-major entry list: both products and the
+SDDMM, no CSR of S^T needed), else torch.sparse (MKL CSR products, CSR of S^T built at the
+first backward, sampled_addmm); CUDA: the Triton kernels in triton_kernels.py. The dense
+references :func:`delta_matmul_reference` (builds S densely and lets autograd do the rest)
+and :func:`sddmm_reference` are what the tests compare to.
 """
 
 from __future__ import annotations
@@ -55,6 +54,11 @@ def _spmm_t(x2d: Tensor, crow: Tensor, col: Tensor, vals_rowmajor: Tensor, n_row
     return torch.sparse.mm(_csr(crow, col, vals_rowmajor, (n_rows, n_cols)), x2d.t()).t()
 
 
+def _native(t: Tensor, layout: CsrLayout) -> bool:
+    """The native CPU kernels (cpu_sddmm.py) take this input and layout."""
+    return layout.row is not None and cpu_sddmm.usable(t, layout.row)
+
+
 class _SparseDeltaMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: Tensor, values: Tensor, layout: CsrLayout, scale: float) -> Tensor:
@@ -62,7 +66,10 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         cdt = _compute_dtype(x2d)
         xc = x2d.to(cdt)
         v = values.to(cdt) * scale
-        y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)  # (T, out)
+        if _native(xc, layout):  # (T, out), entry by entry from the row-major list: no CSR product
+            y = cpu_sddmm.spmm(xc, layout.col, layout.row, layout.rowmajor(v), out_f, in_f)
+        else:
+            y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)
         ctx.save_for_backward(x2d, values)
         ctx.layout, ctx.scale = layout, scale
         return y.to(x2d.dtype)
@@ -77,8 +84,11 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
             v = values.to(cdt) * ctx.scale
-            lt = layout.transposed()
-            grad_x = _spmm_t(gy, lt.crow, lt.col, lt.rowmajor(v), in_f, out_f).to(x2d.dtype)
+            if _native(gy, layout):  # same entry list, roles swapped: the CSR of S^T is never built
+                grad_x = cpu_sddmm.spmm(gy, layout.row, layout.col, layout.rowmajor(v), in_f, in_f).to(x2d.dtype)
+            else:
+                lt = layout.transposed()
+                grad_x = _spmm_t(gy, lt.crow, lt.col, lt.rowmajor(v), in_f, out_f).to(x2d.dtype)
         if ctx.needs_input_grad[1]:
             grad_v = (sddmm(gy, x2d.to(cdt), layout) * ctx.scale).to(values.dtype)
         return grad_x, grad_v, None, None

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shira_dist.kernels import build_csr_layout, cpu_sddmm, sddmm, sddmm_reference, sparse_delta_matmul
+from shira_dist.kernels import (
+    build_csr_layout,
+    cpu_sddmm,
+    delta_matmul_reference,
+    sddmm,
+    sddmm_reference,
+    sparse_delta_matmul,
+)
 from shira_dist.masks import sample_distinct
 
 
@@ -52,11 +59,14 @@ def test_native_sddmm_any_thread_count(threads):
     gy, x = torch.randn(300, 45, generator=g, dtype=torch.float64), torch.randn(300, 38, generator=g, dtype=torch.float64)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    v = torch.randn(400, generator=g, dtype=torch.float64)
     try:
         got = cpu_sddmm.sddmm(gy, x, idx[0].contiguous(), idx[1].contiguous())
+        y = cpu_sddmm.spmm(x, idx[1].contiguous(), idx[0].contiguous(), v, 45, 38)  # each thread its own rows
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, sddmm_reference(gy, x, idx), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, delta_matmul_reference(x, idx, v, 1.0, (45, 38)), rtol=1e-12, atol=1e-12)
 
 
 def test_native_sddmm_hand_set_entries():
@@ -89,13 +99,48 @@ def test_fallback_without_compiler(monkeypatch, tmp_path):
         cpu_sddmm.choice()
 
 
-def test_sorted_int32_layout_adds_no_per_entry_memory():
+@pytest.mark.parametrize("choice", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("out_f,in_f,nnz,T", CASES)
+@pytest.mark.parametrize("shuffle,empty_rows", [(False, False), (True, True)])
+def test_sparse_delta_products_match_dense_fp64(monkeypatch, choice, dtype, out_f, in_f, nnz, T, shuffle,
+                                                empty_rows):
+    """Forward x @ (s*S)^T and grad_x = grad_y @ (s*S): native tiled kernel and torch.sparse."""
+    monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", choice)
+    nnz = min(nnz, max(1, out_f // 2 if empty_rows else out_f) * in_f)
+    idx = _pattern(out_f, in_f, nnz, seed=in_f + 5 * T, shuffle=shuffle, empty_rows=empty_rows and out_f > 1)
+    layout = build_csr_layout(idx, (out_f, in_f))
+    g = torch.Generator().manual_seed(T + 1)
+    x = torch.randn(T, in_f, generator=g, dtype=dtype, requires_grad=True)
+    v, gy = torch.randn(nnz, generator=g, dtype=dtype), torch.randn(T, out_f, generator=g, dtype=dtype)
+    y = sparse_delta_matmul(x, v, layout, 0.5)
+    (grad_x,) = torch.autograd.grad(y, x, gy)
+    xd = x.detach().double().requires_grad_(True)
+    ref = delta_matmul_reference(xd, idx, v.double(), 0.5, (out_f, in_f))
+    (ref_gx,) = torch.autograd.grad(ref, xd, gy.double())
+    tol = 1e-12 if dtype == torch.float64 else 2e-5 * max(in_f, out_f) ** 0.5
+    assert y.dtype == grad_x.dtype == dtype
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_x.double(), ref_gx, rtol=tol, atol=tol)
+    assert (layout._t is None) == (choice == "native")  # the native path never builds the CSR of S^T
+
+
+def test_native_spmm_hand_set_entries():
+    inp = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # (T=2, n_src=3)
+    src, dst = torch.tensor([2, 0, 1], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32)
+    v = torch.tensor([10.0, 1.0, -1.0])
+    # out[t, 0] = 10*inp[t, 2]; out[t, 1] = inp[t, 0] - inp[t, 1]
+    assert cpu_sddmm.spmm(inp, src, dst, v, 2, 3).tolist() == [[30.0, -1.0], [60.0, -1.0]]
+
+
+def test_sorted_int32_layout_adds_no_per_entry_memory(monkeypatch):
     idx = _pattern(40, 30, 200, seed=5)  # row-major sorted, int32: the usual stored form
     layout = build_csr_layout(idx, (40, 30))
     assert layout.order is None
     assert layout.row.data_ptr() == idx[0].data_ptr() and layout.col.data_ptr() == idx[1].data_ptr()
     assert layout.crow.dtype == torch.int32 and layout.crow.shape == (41,)
-    assert layout._t is None  # the CSR of S^T waits for an unfused backward that needs grad_x
+    assert layout._t is None  # the CSR of S^T waits for an unfused torch.sparse backward that needs grad_x
+    monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", "torch")
     v = torch.randn(200)
     x = torch.randn(3, 30, requires_grad=True)
     sparse_delta_matmul(x, v, layout, 1.0).sum().backward()
@@ -104,7 +149,9 @@ def test_sorted_int32_layout_adds_no_per_entry_memory():
     assert lt.shape == (30, 40) and lt.col.dtype == lt.order.dtype == lt.crow.dtype == torch.int32
     dense = torch.zeros(40, 30)
     dense[idx[0].long(), idx[1].long()] = v
-    assert torch.equal(lt.rowmajor(v), dense.t()[lt.row.long(), lt.col.long()])
+    assert lt.row is None  # S^T keeps crow, col and order only: 8 bytes per entry
+    rows_t = torch.repeat_interleave(torch.arange(30), lt.crow.diff().long())
+    assert torch.equal(lt.rowmajor(v), dense.t()[rows_t, lt.col.long()])
     assert torch.equal(lt.crow.diff(), (dense.t() != 0).sum(1).to(torch.int32))
 
 
