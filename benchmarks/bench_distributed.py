@@ -212,7 +212,9 @@ def launch(args, strategy: str, method: str, world: int) -> list[dict]:
     spec = {key: getattr(args, key) for key in ("hidden", "inter", "layers", "vocab", "batch", "seq", "r", "steps")}
     env["BENCH_DISTRIBUTED_JOB"] = json.dumps({**spec, "strategy": strategy, "method": method, "threads": threads})
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines() if "RESULT " in line]
+    # Ranks print at the same time: two results may share a line, so decode from each marker.
+    decoder = json.JSONDecoder()
+    results = [decoder.raw_decode(chunk)[0] for chunk in out.stdout.split("RESULT ")[1:]]
     if out.returncode != 0 or len(results) != world:
         tail = (out.stdout + out.stderr)[-2500:]
         print(f"  {strategy}/{method}/{world}: FAILED (exit {out.returncode})\n{tail}", file=sys.stderr)

@@ -200,9 +200,34 @@ void spmm(const S* in, const int32_t* src_idx, const int32_t* dst_idx, const S* 
   });
 }
 
+// At SHiRA's entries of a row-major (n_out, n_in) weight w, k < nnz, i_k = rows[k] * n_in + cols[k]:
+//   mode 0 merge    saved[k] = w[i_k];  w[i_k] = saved[k] + scale * v[k]
+//   mode 1 rewrite  w[i_k] = saved[k] + scale * v[k]       (saved: W0's entries from a merge)
+//   mode 2 restore  w[i_k] = saved[k]                      (bit-exact)
+// Entries are distinct, so threads split k freely. No fused multiply-add: the product is
+// rounded, then the sum, as torch's merge does, so both paths write the same bits.
+template <typename S>
+__attribute__((optimize("fp-contract=off"))) void scatter(S* w, const int32_t* rows, const int32_t* cols, int64_t n_in, int64_t nnz, const S* v, S scale,
+             S* saved, int64_t mode, int64_t n_threads) {
+#pragma omp parallel for num_threads(std::max<int64_t>(1, n_threads)) schedule(static)
+  for (int64_t k = 0; k < nnz; ++k) {
+    const int64_t at = int64_t(rows[k]) * n_in + cols[k];
+    if (mode == 0) saved[k] = w[at];
+    w[at] = mode == 2 ? saved[k] : saved[k] + scale * v[k];
+  }
+}
+
 }  // namespace
 
 extern "C" {
+void shira_scatter_f32(float* w, const int32_t* rows, const int32_t* cols, int64_t n_in, int64_t nnz,
+                       const float* v, double scale, float* saved, int64_t mode, int64_t n_threads) {
+  scatter<float>(w, rows, cols, n_in, nnz, v, float(scale), saved, mode, n_threads);
+}
+void shira_scatter_f64(double* w, const int32_t* rows, const int32_t* cols, int64_t n_in, int64_t nnz,
+                       const double* v, double scale, double* saved, int64_t mode, int64_t n_threads) {
+  scatter<double>(w, rows, cols, n_in, nnz, v, scale, saved, mode, n_threads);
+}
 void shira_spmm_f32(const float* in, const int32_t* src_idx, const int32_t* dst_idx, const float* vals, int64_t nnz,
                     int64_t T, int64_t n_src, int64_t n_dst, int64_t n_wide, int64_t n_threads, float* out) {
   spmm<float>(in, src_idx, dst_idx, vals, nnz, T, n_src, n_dst, n_wide, n_threads, out);

@@ -1,7 +1,8 @@
 """The native CPU kernels (cpu_sddmm.cpp): built once with the system C++ compiler, called via ctypes.
 
-    sddmm   out[k] = Σ_t grad_y[t, rows[k]] · x[t, cols[k]]      grad_y: (T, out), x: (T, in)
-    spmm    out[t, dst[k]] += v[k] · inp[t, src[k]]              x @ S^T and grad_y @ S
+    sddmm     out[k] = Σ_t grad_y[t, rows[k]] · x[t, cols[k]]      grad_y: (T, out), x: (T, in)
+    spmm      out[t, dst[k]] += v[k] · inp[t, src[k]]              x @ S^T and grad_y @ S
+    scatter_  W[rows[k], cols[k]] = W0_k + scale·v[k]  /  = W0_k     merge, rewrite, restore
 
 Why a small C++ kernel: on the CPU, ``torch.sparse.sampled_addmm`` (MKL) costs about as much
 as the layer's forward matmul, and torch.compile's gather-reduce needs transposed copies of
@@ -45,6 +46,8 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed
           "-std=c++17", "-shared", "-fPIC"]
 _FUNCS = {torch.float32: "shira_sddmm_f32", torch.float64: "shira_sddmm_f64"}
 _SPMM_FUNCS = {torch.float32: "shira_spmm_f32", torch.float64: "shira_spmm_f64"}
+_SCATTER_FUNCS = {torch.float32: "shira_scatter_f32", torch.float64: "shira_scatter_f64"}
+SCATTER_MODES = {"merge": 0, "rewrite": 1, "restore": 2}
 
 
 def choice() -> str:
@@ -109,7 +112,40 @@ def library() -> Optional[ctypes.CDLL]:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
         fn.restype = None
+    for name in _SCATTER_FUNCS.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_double,
+                                                                      ctypes.c_void_p] + [ctypes.c_int64] * 2
+        fn.restype = None
     return lib
+
+
+def scatter_usable(weight: Tensor, indices: Tensor) -> bool:
+    """Whether :func:`scatter_` takes this weight (CPU, fp32/fp64, contiguous) and indices (int32)."""
+    return (weight.device.type == "cpu" and weight.dtype in _SCATTER_FUNCS and weight.is_contiguous()
+            and indices.dtype == torch.int32 and indices.device.type == "cpu" and usable(weight, indices))
+
+
+def scatter_(weight: Tensor, indices: Tensor, mode: str, saved: Tensor, values: Optional[Tensor] = None,
+             scale: float = 1.0) -> None:
+    """In place at ``indices`` of ``weight`` (out, in): mode "merge" fills ``saved`` (nnz,) with W0's
+    entries and writes W0 + scale*values; "rewrite" writes saved + scale*values; "restore"
+    writes ``saved`` back (bit-exact). indices: (2, nnz) int32. Check :func:`scatter_usable` first.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available; check scatter_usable() first")
+    nnz = indices.shape[1]
+    if saved.dtype != weight.dtype or saved.shape != (nnz,) or not saved.is_contiguous():
+        raise ValueError(f"scatter_: saved must be a contiguous ({nnz},) {weight.dtype} tensor, got "
+                         f"{tuple(saved.shape)} {saved.dtype}")
+    if mode != "restore":
+        values = values.detach().to(weight.dtype).contiguous()
+    rows, cols = indices[0].contiguous(), indices[1].contiguous()
+    getattr(lib, _SCATTER_FUNCS[weight.dtype])(
+        weight.data_ptr(), rows.data_ptr(), cols.data_ptr(), weight.shape[1], nnz,
+        None if values is None else values.data_ptr(), float(scale), saved.data_ptr(), SCATTER_MODES[mode],
+        torch.get_num_threads())
 
 
 def sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

@@ -5,7 +5,8 @@ rewrite: W[idx] = W0[idx] + scale * values'     (W0[idx] saved by merge: a singl
 restore: W[idx] = W0[idx]                        (bit-exact: no subtraction)
 
 All functions work in place on ``weight: (out, in)`` and touch only the nnz entries; on
-CUDA they dispatch to the Triton kernels in triton_kernels.py.
+CUDA they dispatch to the Triton kernels in triton_kernels.py, on the CPU (fp32/fp64,
+int32 indices) to the native loop in cpu_sddmm.cpp, else to index_select/index_copy_.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu_sddmm
 from .dispatch import use_triton
 from .layout import flat_index
 
@@ -31,6 +33,10 @@ def scatter_merge_(
     non-finite result raises ``ValueError`` before anything is written.
     """
     values = values.detach().to(weight.device)
+    if not check_finite and cpu_sddmm.scatter_usable(weight, indices):
+        originals = torch.empty(indices.shape[1], dtype=weight.dtype)
+        cpu_sddmm.scatter_(weight, indices, "merge", originals, values, scale)
+        return originals
     if use_triton(weight) and weight.is_contiguous() and not check_finite:
         from . import triton_kernels
 
@@ -51,6 +57,9 @@ def scatter_rewrite_(weight: Tensor, indices: Tensor, originals: Tensor, values:
 
     Gives the same bits as restoring and merging again, with one scatter instead of three passes.
     """
+    if cpu_sddmm.scatter_usable(weight, indices) and originals.dtype == weight.dtype:
+        cpu_sddmm.scatter_(weight, indices, "rewrite", originals.contiguous(), values, scale)
+        return
     _scatter(weight, indices, _merged(originals, values.detach().to(weight.device), scale))
 
 
@@ -62,6 +71,9 @@ def _merged(originals: Tensor, values: Tensor, scale: float) -> Tensor:
 @torch.no_grad()
 def scatter_restore_(weight: Tensor, indices: Tensor, originals: Tensor) -> None:
     """Put back the entries saved by :func:`scatter_merge_`, bit-exactly."""
+    if cpu_sddmm.scatter_usable(weight, indices) and originals.dtype == weight.dtype:
+        cpu_sddmm.scatter_(weight, indices, "restore", originals.contiguous())
+        return
     if use_triton(weight) and weight.is_contiguous():
         from . import triton_kernels
 

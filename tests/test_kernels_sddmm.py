@@ -167,3 +167,33 @@ def test_shuffled_layout_round_trips_values():
     dense[idx[0].long(), idx[1].long()] = v
     assert torch.equal(rm, dense[layout.row.long(), layout.col.long()])
     assert torch.equal(layout.from_rowmajor(rm), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_native_scatter_writes_the_bits_of_the_torch_path(monkeypatch, dtype, shuffle):
+    from shira_dist.kernels import scatter_merge_, scatter_merge_reference, scatter_restore_, scatter_rewrite_
+
+    idx = _pattern(37, 29, 300, seed=4, shuffle=shuffle)
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(37, 29, generator=g, dtype=dtype)
+    v, v2 = torch.randn(300, generator=g), torch.randn(300, generator=g)
+    results = {}
+    for choice in ("native", "torch"):
+        monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", choice)
+        assert cpu_sddmm.scatter_usable(w0, idx) == (choice == "native")
+        w = w0.clone()
+        saved = scatter_merge_(w, idx, v, 0.3)
+        merged = w.clone()
+        scatter_rewrite_(w, idx, saved, v2, 0.3)
+        rewritten = w.clone()
+        scatter_restore_(w, idx, saved)
+        assert torch.equal(w, w0)  # restore is exact
+        results[choice] = (saved, merged, rewritten)
+    for a, b in zip(results["native"], results["torch"]):
+        assert torch.equal(a, b)
+    tol = 1e-6 if dtype == torch.float32 else 0.0
+    torch.testing.assert_close(results["native"][1], scatter_merge_reference(w0, idx, v, 0.3), atol=tol, rtol=tol)
+    untouched = torch.ones_like(w0, dtype=torch.bool)
+    untouched[idx[0].long(), idx[1].long()] = False
+    assert torch.equal(results["native"][2][untouched], w0[untouched])  # only the entries are written
