@@ -33,15 +33,15 @@ def scatter_merge_(
     non-finite result raises ``ValueError`` before anything is written.
     """
     values = values.detach().to(weight.device)
-    if not check_finite and cpu_sddmm.scatter_usable(weight, indices):
-        originals = torch.empty(indices.shape[1], dtype=weight.dtype)
-        cpu_sddmm.scatter_(weight, indices, "merge", originals, values, scale)
-        return originals
     if use_triton(weight) and weight.is_contiguous() and not check_finite:
         from . import triton_kernels
 
         return triton_kernels.scatter_merge(weight, flat_index(indices.to(weight.device), weight.shape[1]),
                                             values, scale)
+    if not check_finite and _native(weight, indices):
+        originals = torch.empty(indices.shape[1], dtype=weight.dtype)
+        cpu_sddmm.scatter_(weight, indices, "merge", originals, values, scale)
+        return originals
     originals = _gather(weight, indices)
     merged = _merged(originals, values, scale)
     if check_finite and not torch.isfinite(merged).all():
@@ -57,10 +57,15 @@ def scatter_rewrite_(weight: Tensor, indices: Tensor, originals: Tensor, values:
 
     Gives the same bits as restoring and merging again, with one scatter instead of three passes.
     """
-    if cpu_sddmm.scatter_usable(weight, indices) and originals.dtype == weight.dtype:
+    if _native(weight, indices) and originals.dtype == weight.dtype:
         cpu_sddmm.scatter_(weight, indices, "rewrite", originals.contiguous(), values, scale)
         return
     _scatter(weight, indices, _merged(originals, values.detach().to(weight.device), scale))
+
+
+def _native(weight: Tensor, indices: Tensor) -> bool:
+    """The native CPU scatter applies (and Triton is not forced by SHIRA_DIST_KERNEL_BACKEND)."""
+    return not use_triton(weight) and cpu_sddmm.scatter_usable(weight, indices)
 
 
 def _merged(originals: Tensor, values: Tensor, scale: float) -> Tensor:
@@ -71,13 +76,13 @@ def _merged(originals: Tensor, values: Tensor, scale: float) -> Tensor:
 @torch.no_grad()
 def scatter_restore_(weight: Tensor, indices: Tensor, originals: Tensor) -> None:
     """Put back the entries saved by :func:`scatter_merge_`, bit-exactly."""
-    if cpu_sddmm.scatter_usable(weight, indices) and originals.dtype == weight.dtype:
-        cpu_sddmm.scatter_(weight, indices, "restore", originals.contiguous())
-        return
     if use_triton(weight) and weight.is_contiguous():
         from . import triton_kernels
 
         triton_kernels.scatter_restore(weight, flat_index(indices.to(weight.device), weight.shape[1]), originals)
+        return
+    if _native(weight, indices) and originals.dtype == weight.dtype:
+        cpu_sddmm.scatter_(weight, indices, "restore", originals.contiguous())
         return
     _scatter(weight, indices, originals.to(weight.device))
 

@@ -56,7 +56,7 @@ def _spmm_t(x2d: Tensor, crow: Tensor, col: Tensor, vals_rowmajor: Tensor, n_row
 
 def _native(t: Tensor, layout: CsrLayout) -> bool:
     """The native CPU kernels (cpu_sddmm.py) take this input and layout."""
-    return layout.row is not None and cpu_sddmm.usable(t, layout.row)
+    return layout.row is not None and not use_triton(t) and cpu_sddmm.usable(t, layout.row)
 
 
 class _SparseDeltaMatmul(torch.autograd.Function):

@@ -197,3 +197,14 @@ def test_native_scatter_writes_the_bits_of_the_torch_path(monkeypatch, dtype, sh
     untouched = torch.ones_like(w0, dtype=torch.bool)
     untouched[idx[0].long(), idx[1].long()] = False
     assert torch.equal(results["native"][2][untouched], w0[untouched])  # only the entries are written
+
+
+def test_forced_triton_backend_takes_precedence_over_the_native_kernels(monkeypatch):
+    from shira_dist.kernels import merge, sparse_delta
+
+    idx = _pattern(12, 10, 30, seed=2)
+    w, x = torch.randn(12, 10), torch.randn(4, 10)
+    layout = build_csr_layout(idx, (12, 10))
+    assert merge._native(w, idx) and sparse_delta._native(x, layout)
+    monkeypatch.setenv("SHIRA_DIST_KERNEL_BACKEND", "triton")  # the CUDA path, interpreted in CI
+    assert not merge._native(w, idx) and not sparse_delta._native(x, layout)
