@@ -14,6 +14,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def random_pattern(out_f: int, in_f: int, nnz: int, seed: int, shuffle: bool, empty_rows: bool = False):
+    """A SHiRA pattern: (2, nnz) int32 distinct (row, col), row-major unless ``shuffle``;
+    with ``empty_rows`` the lower half of the rows holds no entry."""
+    from shira_dist.masks import sample_distinct
+
+    g = torch.Generator().manual_seed(seed)
+    rows_allowed = out_f // 2 if empty_rows else out_f  # rows >= rows_allowed stay empty
+    flat = sample_distinct(rows_allowed * in_f, nnz, g, torch.device("cpu"))
+    idx = torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
+    return idx[:, torch.randperm(nnz, generator=g)] if shuffle else idx
+
+
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 

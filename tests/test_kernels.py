@@ -14,17 +14,11 @@ from shira_dist.kernels import (
     scatter_rewrite_,
     sparse_delta_matmul,
 )
-from shira_dist.masks import sample_distinct
+from tests.conftest import random_pattern
 
 
 def _pattern(out_f, in_f, nnz, seed, shuffle=True, empty_rows=False):
-    g = torch.Generator().manual_seed(seed)
-    rows_allowed = out_f // 2 if empty_rows else out_f  # rows >= rows_allowed stay empty
-    flat = sample_distinct(rows_allowed * in_f, nnz, g, torch.device("cpu"))
-    idx = torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
-    if shuffle:  # stored order need not be row-major
-        idx = idx[:, torch.randperm(nnz, generator=g)]
-    return idx
+    return random_pattern(out_f, in_f, nnz, seed, shuffle, empty_rows)
 
 
 SHAPES = [(7, 13, 20), (13, 7, 30), (64, 33, 200), (1, 40, 10), (40, 1, 5), (50, 70, 3000)]

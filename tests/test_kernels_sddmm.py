@@ -13,15 +13,11 @@ from shira_dist.kernels import (
     sddmm_reference,
     sparse_delta_matmul,
 )
-from shira_dist.masks import sample_distinct
+from tests.conftest import random_pattern
 
 
 def _pattern(out_f, in_f, nnz, seed, shuffle=False, empty_rows=False):
-    g = torch.Generator().manual_seed(seed)
-    rows_allowed = out_f // 2 if empty_rows else out_f  # rows >= rows_allowed stay empty
-    flat = sample_distinct(rows_allowed * in_f, nnz, g, torch.device("cpu"))
-    idx = torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
-    return idx[:, torch.randperm(nnz, generator=g)] if shuffle else idx
+    return random_pattern(out_f, in_f, nnz, seed, shuffle, empty_rows)
 
 
 # (out, in, nnz, T): T around the native kernel's tiles (256/128/64 fp32 tokens, half for fp64,

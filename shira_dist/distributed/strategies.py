@@ -33,9 +33,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..model import ShiraModel
 from ..training import optim_state, register_strategy
-from ..training.dist_env import DistEnv
-from ..training.schema import RunConfig
-from ..training.strategy import DdpStrategy, OptimizerFactory
+from ..training.strategy import DdpStrategy, OptimizerFactory, SingleStrategy, trainable_parameters
 from .adapter_io import gather_adapter_state_dict
 from .consistency import MaskMismatchError, check_adapters_consistent, sync_adapters
 from .fsdp import shard_fsdp2
@@ -87,11 +85,7 @@ class FsdpStrategy(_ShardedBase):
         self._start(model)
         fsdp = self.cfg.distributed.fsdp
         shard_fsdp2(model, reshard_after_forward=fsdp.reshard_after_forward, cpu_offload=fsdp.cpu_offload)
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError("the adapter has no trainable parameters (is the adapter in inference mode?)")
-        self.optimizer = make_optimizer(self.params)
+        SingleStrategy.setup(self, model, make_optimizer)  # the optimizer over the sharded values
 
     @contextlib.contextmanager
     def no_sync(self) -> ContextManager:
@@ -139,9 +133,7 @@ class DeepSpeedStrategy(_ShardedBase):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self._start(model)
         config = self._config()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("the adapter has no trainable parameters (is the adapter in inference mode?)")
+        trainable = trainable_parameters(model)
         client = make_optimizer(trainable)
         self.engine, _, _ = deepspeed_initialize(model, config, optimizer=client)
         self.model = self.engine

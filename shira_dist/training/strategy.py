@@ -54,6 +54,14 @@ class TrainingStrategy(Protocol):
 StrategyFactory = Callable[[DistEnv, torch.device, RunConfig], TrainingStrategy]
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer gets; an error if there are none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the adapter has no trainable parameters (is the adapter in inference mode?)")
+    return params
+
+
 class SingleStrategy:
     """One process (or, as DdpStrategy's base, one replica): plain autograd and optimizer."""
 
@@ -66,9 +74,7 @@ class SingleStrategy:
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
         self.shira = model
         self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError("the adapter has no trainable parameters (is the adapter in inference mode?)")
+        self.params = trainable_parameters(model)
         self.optimizer = make_optimizer(self.params)
 
     def param_names(self) -> list[str]:
