@@ -13,9 +13,13 @@ SDDMM (values gradient, (nnz,)):
   sampled_addmm   torch.sparse.sampled_addmm on CSR(S), with grad_y^T made contiguous
   inductor        torch.compile gather-multiply-reduce on transposed copies of grad_y and x
   native          shira_dist's C++ kernel (kernels/cpu_sddmm.cpp), the default CPU path
+Forward delta y = x @ S^T (unfused forward and inference):
+  csr(S) spmm     torch.sparse.mm on CSR(S) (MKL)
+  native          the C++ kernel (with fewer token tiles than threads, threads split S's rows)
 grad_x = grad_y @ S:
   csr(S^T) spmm   torch.sparse.mm on a CSR of S^T (needs a second index copy)
   mm(gy, csr S)   torch.mm(grad_y, CSR(S)): only the CSR of S
+  native          the C++ kernel, from S's rows
 """
 
 from __future__ import annotations
@@ -49,18 +53,22 @@ def methods(out_f: int, in_f: int, rows, cols, x, gy, use_inductor: bool) -> dic
     from shira_dist.kernels import cpu_sddmm
 
     nnz = rows.numel()
-    r32, c32 = rows.int(), cols.int()
-    pattern = torch.sparse_csr_tensor(_crow(rows, out_f), c32, torch.zeros(nnz), (out_f, in_f))
-    s_csr = torch.sparse_csr_tensor(_crow(rows, out_f), c32, torch.randn(nnz), (out_f, in_f))
+    r32, c32, crow = rows.int(), cols.int(), _crow(rows, out_f)
+    pattern = torch.sparse_csr_tensor(crow, c32, torch.zeros(nnz), (out_f, in_f))
+    s_csr = torch.sparse_csr_tensor(crow, c32, torch.randn(nnz), (out_f, in_f))
+    v = s_csr.values()
     order_t = torch.argsort(cols * out_f + rows)
     s_t = torch.sparse_csr_tensor(_crow(cols, in_f), r32[order_t], s_csr.values()[order_t], (in_f, out_f))
     flat = rows * in_f + cols
     m = {
         "sddmm dense": lambda: (gy.t() @ x).view(-1)[flat],
         "sddmm sampled_addmm": lambda: torch.sparse.sampled_addmm(pattern, gy.t().contiguous(), x, beta=0.0),
-        "sddmm native": lambda: cpu_sddmm.sddmm(gy, x, r32, c32),
+        "sddmm native": lambda: cpu_sddmm.sddmm(gy, x, crow, c32),
+        "forward csr(S) spmm": lambda: torch.sparse.mm(s_csr, x.t()).t(),
+        "forward native": lambda: cpu_sddmm.spmm(x, crow, c32, v, in_f),
         "grad_x csr(S^T) spmm": lambda: torch.sparse.mm(s_t, gy.t()).t(),
         "grad_x mm(gy, csr S)": lambda: torch.mm(gy, s_csr),
+        "grad_x native": lambda: cpu_sddmm.spmm(gy, crow, c32, v, in_f, transposed=True),
     }
     if use_inductor:
         gather_reduce = torch.compile(lambda a, b, i, j: (a[i] * b[j]).sum(-1), dynamic=True)

@@ -4,13 +4,16 @@ Installed as ``shira_dist.kernels``. Modules only decide which tensors to pass;
 everything numerical lives here.
 """
 
-from .layout import CsrLayout, build_csr_layout, flat_index
+from .layout import CsrLayout, build_csr_layout, compress_indices, csr_layout, expand_indices, flat_index
 from .merge import scatter_merge_, scatter_merge_reference, scatter_restore_, scatter_rewrite_
 from .sparse_delta import delta_matmul_reference, fused_values_grad, sddmm, sddmm_reference, sparse_delta_matmul
 
 __all__ = [
     "CsrLayout",
     "build_csr_layout",
+    "compress_indices",
+    "csr_layout",
+    "expand_indices",
     "flat_index",
     "scatter_merge_",
     "scatter_merge_reference",

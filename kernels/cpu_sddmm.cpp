@@ -1,22 +1,32 @@
-// CPU SDDMM for SHiRA's values gradient (built and loaded by cpu_sddmm.py through ctypes).
+// Native CPU kernels for SHiRA's sparse math (built and loaded by cpu_sddmm.py through ctypes).
 //
-//   out[k] = sum_t gy[t, rows[k]] * x[t, cols[k]]      gy: (T, n_out), x: (T, n_in) row-major
+// A pattern S (n_rows, n_cols) is given in CSR form: crow (n_rows+1), col (nnz), entries in
+// row-major order; values and results (nnz,) are in that order. No per-entry row array is
+// needed anywhere (the layer stores only crow and col: 4 bytes per entry).
 //
-// Tokens are split into one contiguous range per OpenMP thread (the process's OpenMP pool,
-// which torch's kernels use too: separate threads would compete with its spinning workers,
-// measured up to 2x slower right after a matmul). Each thread walks its range in tiles of TB
-// tokens, transposes the gy and x tiles (8x8 AVX register blocks for fp32) into buffers
-//   gyt: (n_out, TB)   xt: (n_in, TB)      (rows zero-padded past the last token)
-// and adds, for every entry k, the TB-long dot product gyt[rows[k]] . xt[cols[k]]
-// (contiguous, vectorised, four entries at a time) to its own partial sum; the partials are
-// added at the end. No (n_out, n_in) tensor and no full transposed copy is ever made.
-// Entries may come in any order; in row-major order gyt is read row after row (streamed) and
-// only xt is read at random, so TB is chosen to keep xt within about 1 MB of L2.
+//   sddmm    out[k] = sum_t gy[t, r(k)] * x[t, col[k]]             gy: (T, n_rows), x: (T, n_cols)
+//   spmm     out[t, r] = sum_{k in row r} v[k] * in[t, col[k]]     x @ S^T   (forward)
+//            out[t, col[k]] += v[k] * in[t, r(k)]                 gy @ S    (grad_x), "transposed"
+//   scatter  w[r(k), col[k]] = w0_k + scale * v[k]  /  = w0_k       merge, rewrite, restore
 //
-// Sparse products (SHiRA's forward delta x @ S^T and grad_x = gy @ S) use the same tiles:
-//   out[t, dst[k]] += v[k] * in[t, src[k]]   per thread token range: transpose the in tile,
-// one TB-long axpy per entry into an (n_dst, TB) tile, transpose that tile back into out.
-// Threads own disjoint token rows, so there is no reduction and any entry order works.
+// Tiles: tokens are taken TB at a time and the token-major inputs transposed (8x8 AVX
+// register blocks for fp32) into buffers with one TB-long row per feature
+//   gyt / it: (n_rows, TB)   xt / it: (n_cols, TB)      (zero-padded past the last token)
+// so every entry costs one contiguous, vectorised TB-long dot product (sddmm) or axpy (spmm);
+// no (n_rows, n_cols) tensor and no full transposed copy is ever made. Rows of S are walked
+// in order, so the (n_rows, TB) side is streamed and only the (n_cols, TB) side is read at
+// random: TB is chosen to keep that within about 1 MB of L2.
+//
+// Threads (the process's OpenMP pool, which torch's kernels use too: separate threads would
+// compete with its spinning workers, measured up to 2x slower right after a matmul):
+//   - at least as many token tiles as threads: each thread takes a contiguous token range
+//     with its own buffers (sddmm adds the per-thread partial sums at the end);
+//   - fewer (small batches, e.g. inference): the threads share one tile, transpose it
+//     together (by feature blocks), then each takes a range of S's rows holding about
+//     nnz/threads entries. Used for sddmm and the forward spmm, whose outputs are per row;
+//     the transposed spmm writes at random columns and keeps the token split.
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -73,176 +83,262 @@ __attribute__((optimize("no-tree-vectorize"))) void flip(const S* src, int64_t l
   }
 }
 
+// The first row r with crow[r] >= target (n_rows if none): splits rows by entry count.
+inline int64_t row_at(const int32_t* crow, int64_t n_rows, int64_t target) {
+  return std::lower_bound(crow, crow + n_rows + 1, target) - crow;
+}
+
+// Rows [lo, hi) of thread i of nt, about nnz/nt entries each; together they cover [0, n_rows).
+inline void row_share(const int32_t* crow, int64_t n_rows, int64_t i, int64_t nt, int64_t* lo, int64_t* hi) {
+  const int64_t nnz = crow[n_rows];
+  *lo = i == 0 ? 0 : std::min(n_rows, row_at(crow, n_rows, nnz * i / nt));
+  *hi = i + 1 == nt ? n_rows : std::min(n_rows, row_at(crow, n_rows, nnz * (i + 1) / nt));
+  *hi = std::max(*lo, *hi);
+}
+
 // TB tokens per tile (a multiple of 16).
 template <typename S, int64_t TB>
 struct Tile {
-
-  // dst[c * TB + j] = src[j * ld + c] for j < tb, 0 for tb <= j < TB.
+  // dst[c * TB + j] = src[j * ld + c] for j < tb, 0 for tb <= j < TB; c < n.
   static void transpose(const S* src, int64_t ld, int64_t n, int64_t tb, S* dst) {
     flip(src, ld, tb, n, dst, TB);
     for (int64_t c = 0; c < n; ++c) std::fill(dst + c * TB + tb, dst + (c + 1) * TB, S(0));
   }
 
-  // acc[k] += gyt[rows[k]] . xt[cols[k]] for k in [0, nnz)
-  static void dots(const S* gyt, const S* xt, const int32_t* rows, const int32_t* cols, int64_t nnz, S* acc) {
-    int64_t k = 0;
-    for (; k + 4 <= nnz; k += 4) {  // four independent dot products keep the FMA units busy
-      const S *a0 = gyt + rows[k] * TB, *a1 = gyt + rows[k + 1] * TB;
-      const S *a2 = gyt + rows[k + 2] * TB, *a3 = gyt + rows[k + 3] * TB;
-      const S *b0 = xt + cols[k] * TB, *b1 = xt + cols[k + 1] * TB;
-      const S *b2 = xt + cols[k + 2] * TB, *b3 = xt + cols[k + 3] * TB;
-      S s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t j = 0; j < TB; ++j) {
-        s0 += a0[j] * b0[j];
-        s1 += a1[j] * b1[j];
-        s2 += a2[j] * b2[j];
-        s3 += a3[j] * b3[j];
-      }
-      acc[k] += s0;
-      acc[k + 1] += s1;
-      acc[k + 2] += s2;
-      acc[k + 3] += s3;
-    }
-    for (; k < nnz; ++k) {
-      const S *a = gyt + rows[k] * TB, *b = xt + cols[k] * TB;
-      S s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < TB; ++j) s += a[j] * b[j];
-      acc[k] += s;
+  // Columns [0, n) of a tile of tb tokens (row stride ld) into dst (n, TB), the feature
+  // blocks shared among the threads of the enclosing parallel region (ends with a barrier).
+  static void transpose_shared(const S* src, int64_t ld, int64_t n, int64_t tb, S* dst) {
+    const int64_t n_blocks = (n + CB - 1) / CB;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t c0 = b * CB, c1 = std::min(n, c0 + CB);
+      transpose(src + c0, ld, c1 - c0, tb, dst + c0 * TB);
     }
   }
 
-  // out[t, dst_idx[k]] += vals[k] * in[t, src_idx[k]] for t in [t0, t1); out rows start at 0
-  static void spmm_range(const S* in, const int32_t* src_idx, const int32_t* dst_idx, const S* vals, int64_t nnz,
-                         int64_t n_src, int64_t n_dst, int64_t t0, int64_t t1, S* out) {
-    std::vector<S> it(n_src * TB), ot(n_dst * TB);
+  // acc[k] += gyt[r] . xt[col[k]] for the entries k of rows [r0, r1)
+  static void dots(const S* gyt, const S* xt, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
+                   S* acc) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const S* a = gyt + r * TB;
+      int64_t k = crow[r];
+      const int64_t end = crow[r + 1];
+      for (; k + 4 <= end; k += 4) {  // four independent dot products keep the FMA units busy
+        const S *b0 = xt + int64_t(col[k]) * TB, *b1 = xt + int64_t(col[k + 1]) * TB;
+        const S *b2 = xt + int64_t(col[k + 2]) * TB, *b3 = xt + int64_t(col[k + 3]) * TB;
+        S s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t j = 0; j < TB; ++j) {
+          s0 += a[j] * b0[j];
+          s1 += a[j] * b1[j];
+          s2 += a[j] * b2[j];
+          s3 += a[j] * b3[j];
+        }
+        acc[k] += s0;
+        acc[k + 1] += s1;
+        acc[k + 2] += s2;
+        acc[k + 3] += s3;
+      }
+      for (; k < end; ++k) {
+        const S* b = xt + int64_t(col[k]) * TB;
+        S s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < TB; ++j) s += a[j] * b[j];
+        acc[k] += s;
+      }
+    }
+  }
+
+  // ot[r] = sum_{k in row r} v[k] * it[col[k]] for rows [r0, r1): one axpy per entry, in one
+  // flat loop over the entries (the row advances with crow). Written as a loop nest (per row,
+  // then its entries, even summing in registers) GCC's code was 2-3x slower here.
+  static void gather_rows(const S* it, const int32_t* crow, const int32_t* col, const S* v, int64_t r0,
+                          int64_t r1, S* ot) {
+    std::fill(ot + r0 * TB, ot + r1 * TB, S(0));
+    int64_t r = r0;
+    for (int64_t k = crow[r0]; k < crow[r1]; ++k) {
+      while (crow[r + 1] <= k) ++r;
+      const S vk = v[k];
+      const S* a = it + int64_t(col[k]) * TB;
+      S* o = ot + r * TB;
+#pragma omp simd
+      for (int64_t j = 0; j < TB; ++j) o[j] += vk * a[j];
+    }
+  }
+
+  // ot[col[k]] += v[k] * it[r] for the entries k of rows [r0, r1) (S^T's product from S's rows)
+  static void scatter_rows(const S* it, const int32_t* crow, const int32_t* col, const S* v, int64_t r0,
+                           int64_t r1, S* ot) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const S* a = it + r * TB;
+      for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+        S* o = ot + int64_t(col[k]) * TB;
+        const S vk = v[k];
+#pragma omp simd
+        for (int64_t j = 0; j < TB; ++j) o[j] += vk * a[j];
+      }
+    }
+  }
+
+  // Tokens [t0, t1) of the product, one thread: in (T, n_in) -> out (T, n_out).
+  static void spmm_range(const S* in, const int32_t* crow, const int32_t* col, const S* v, int64_t n_rows,
+                         bool transposed, int64_t n_in, int64_t n_out, int64_t t0, int64_t t1, S* out) {
+    std::vector<S> it(n_in * TB), ot(n_out * TB);
     for (int64_t ts = t0; ts < t1; ts += TB) {
       const int64_t tb = std::min(TB, t1 - ts);
-      transpose(in + ts * n_src, n_src, n_src, tb, it.data());
-      std::fill(ot.begin(), ot.end(), S(0));
-      for (int64_t k = 0; k < nnz; ++k) {  // one TB-long axpy per entry, vectorised
-        const S v = vals[k];
-        const S* a = it.data() + src_idx[k] * TB;
-        S* o = ot.data() + dst_idx[k] * TB;
-#pragma omp simd
-        for (int64_t j = 0; j < TB; ++j) o[j] += v * a[j];
+      transpose(in + ts * n_in, n_in, n_in, tb, it.data());
+      if (transposed) {
+        std::fill(ot.begin(), ot.end(), S(0));
+        scatter_rows(it.data(), crow, col, v, 0, n_rows, ot.data());
+      } else {
+        gather_rows(it.data(), crow, col, v, 0, n_rows, ot.data());
       }
-      flip(ot.data(), TB, n_dst, tb, out + ts * n_dst, n_dst);  // the tile back to token-major rows
+      flip(ot.data(), TB, n_out, tb, out + ts * n_out, n_out);  // the tile back to token-major rows
     }
   }
 
-  static void spmm(const S* in, const int32_t* src_idx, const int32_t* dst_idx, const S* vals, int64_t nnz,
-                   int64_t T, int64_t n_src, int64_t n_dst, int64_t n_threads, S* out) {
+  // The forward product with the threads sharing each tile, split by rows of S.
+  static void gather_shared(const S* in, const int32_t* crow, const int32_t* col, const S* v, int64_t n_rows,
+                            int64_t n_cols, int64_t T, int64_t p, S* out) {
+    std::vector<S> it(n_cols * TB), ot(n_rows * TB);
+#pragma omp parallel num_threads(p)
+    {
+      int64_t lo, hi;
+      row_share(crow, n_rows, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+      for (int64_t ts = 0; ts < T; ts += TB) {
+        const int64_t tb = std::min(TB, T - ts);
+        transpose_shared(in + ts * n_cols, n_cols, n_cols, tb, it.data());
+        gather_rows(it.data(), crow, col, v, lo, hi, ot.data());
+        flip(ot.data() + lo * TB, TB, hi - lo, tb, out + ts * n_rows + lo, n_rows);
+#pragma omp barrier
+      }
+    }
+  }
+
+  static void spmm(const S* in, const int32_t* crow, const int32_t* col, const S* v, int64_t n_rows, int64_t n_cols,
+                   bool transposed, int64_t T, int64_t n_threads, S* out) {
     const int64_t n_tiles = (T + TB - 1) / TB;
+    if (!transposed && n_tiles >= 1 && n_tiles < n_threads) {
+      gather_shared(in, crow, col, v, n_rows, n_cols, T, n_threads, out);
+      return;
+    }
+    const int64_t n_in = transposed ? n_rows : n_cols, n_out = transposed ? n_cols : n_rows;
     const int64_t p = std::max<int64_t>(1, std::min(n_threads, n_tiles));
     const int64_t span = (n_tiles + p - 1) / p * TB;  // tokens per thread: each writes its own rows
 #pragma omp parallel for num_threads(p) schedule(static, 1)
     for (int64_t i = 0; i < p; ++i)
-      spmm_range(in, src_idx, dst_idx, vals, nnz, n_src, n_dst, std::min(T, i * span), std::min(T, (i + 1) * span),
-                 out);
+      spmm_range(in, crow, col, v, n_rows, transposed, n_in, n_out, std::min(T, i * span),
+                 std::min(T, (i + 1) * span), out);
   }
 
-  // acc (nnz,) = the sum over tokens [t0, t1)
-  static void range(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
-                    int64_t n_out, int64_t n_in, int64_t t0, int64_t t1, S* acc) {
-    std::vector<S> gyt(n_out * TB), xt(n_in * TB);
-    std::fill(acc, acc + nnz, S(0));
+  // acc (nnz,) = the sum over tokens [t0, t1), one thread
+  static void sddmm_range(const S* gy, const S* x, const int32_t* crow, const int32_t* col, int64_t n_rows,
+                          int64_t n_cols, int64_t t0, int64_t t1, S* acc) {
+    std::vector<S> gyt(n_rows * TB), xt(n_cols * TB);
+    std::fill(acc, acc + crow[n_rows], S(0));
     for (int64_t ts = t0; ts < t1; ts += TB) {
       const int64_t tb = std::min(TB, t1 - ts);
-      transpose(gy + ts * n_out, n_out, n_out, tb, gyt.data());
-      transpose(x + ts * n_in, n_in, n_in, tb, xt.data());
-      dots(gyt.data(), xt.data(), rows, cols, nnz, acc);
+      transpose(gy + ts * n_rows, n_rows, n_rows, tb, gyt.data());
+      transpose(x + ts * n_cols, n_cols, n_cols, tb, xt.data());
+      dots(gyt.data(), xt.data(), crow, col, 0, n_rows, acc);
     }
   }
 
-  static void run(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz, int64_t T,
-                    int64_t n_out, int64_t n_in, int64_t n_threads, S* out) {
-    // Each thread gets a whole number of tiles; no more threads than tiles.
+  // The SDDMM with the threads sharing each tile, each summing the entries of its rows of S.
+  static void sddmm_shared(const S* gy, const S* x, const int32_t* crow, const int32_t* col, int64_t n_rows,
+                           int64_t n_cols, int64_t T, int64_t p, S* out) {
+    std::vector<S> gyt(n_rows * TB), xt(n_cols * TB);
+    std::fill(out, out + crow[n_rows], S(0));
+#pragma omp parallel num_threads(p)
+    {
+      int64_t lo, hi;
+      row_share(crow, n_rows, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+      for (int64_t ts = 0; ts < T; ts += TB) {
+        const int64_t tb = std::min(TB, T - ts);
+        transpose_shared(gy + ts * n_rows, n_rows, n_rows, tb, gyt.data());
+        transpose_shared(x + ts * n_cols, n_cols, n_cols, tb, xt.data());
+        dots(gyt.data(), xt.data(), crow, col, lo, hi, out);
+#pragma omp barrier
+      }
+    }
+  }
+
+  static void sddmm(const S* gy, const S* x, const int32_t* crow, const int32_t* col, int64_t n_rows,
+                    int64_t n_cols, int64_t T, int64_t n_threads, S* out) {
     const int64_t n_tiles = (T + TB - 1) / TB;
+    if (n_tiles >= 1 && n_tiles < n_threads) {
+      sddmm_shared(gy, x, crow, col, n_rows, n_cols, T, n_threads, out);
+      return;
+    }
+    // Each thread gets a whole number of tiles; no more threads than tiles.
+    const int64_t nnz = crow[n_rows];
     const int64_t p = std::max<int64_t>(1, std::min(n_threads, n_tiles));
     const int64_t span = (n_tiles + p - 1) / p * TB;  // tokens per thread
     std::vector<S> partial((p - 1) * nnz);
 #pragma omp parallel for num_threads(p) schedule(static, 1)
     for (int64_t i = 0; i < p; ++i)
-      range(gy, x, rows, cols, nnz, n_out, n_in, std::min(T, i * span), std::min(T, (i + 1) * span),
-            i == 0 ? out : partial.data() + (i - 1) * nnz);
+      sddmm_range(gy, x, crow, col, n_rows, n_cols, std::min(T, i * span), std::min(T, (i + 1) * span),
+                  i == 0 ? out : partial.data() + (i - 1) * nnz);
     for (int64_t i = 1; i < p; ++i)
       for (int64_t k = 0; k < nnz; ++k) out[k] += partial[(i - 1) * nnz + k];
   }
 };
 
-// Calls fn(Tile<S, TB>{}) with tile rows of 1 KB when an (n_in, TB) tile (the one read or
-// written at random) then stays <= ~1.25 MB, else 512 B, else 256 B.
+// Calls fn(Tile<S, TB>{}) with tile rows of 1 KB when an (n_cols, TB) tile (the one read or
+// written at random) then stays <= ~1.25 MB, else 512 B, else 256 B; and no longer than the
+// batch needs (the loops always run TB tokens: a 1 KB tile for 64 tokens would do 4x the work).
 template <typename S, typename Fn>
-void with_tile(int64_t n_in, Fn&& fn) {
-  if (n_in <= 1280)
+void with_tile(int64_t n_cols, int64_t T, Fn&& fn) {
+  constexpr int64_t row_bytes[3] = {1024, 512, 256};
+  int level = n_cols <= 1280 ? 0 : n_cols <= 2816 ? 1 : 2;
+  while (level < 2 && T * int64_t(sizeof(S)) <= row_bytes[level + 1]) ++level;
+  if (level == 0)
     fn(Tile<S, 1024 / sizeof(S)>{});
-  else if (n_in <= 2816)
+  else if (level == 1)
     fn(Tile<S, 512 / sizeof(S)>{});
   else
     fn(Tile<S, 256 / sizeof(S)>{});
 }
 
-template <typename S>
-void sddmm(const S* gy, const S* x, const int32_t* rows, const int32_t* cols, int64_t nnz, int64_t T,
-           int64_t n_out, int64_t n_in, int64_t n_threads, S* out) {
-  with_tile<S>(n_in, [&](auto tile) { decltype(tile)::run(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out); });
-}
-
-// out (T, n_dst) = in (T, n_src) @ A^T for the sparse A (n_dst, n_src) with A[dst_idx[k], src_idx[k]] =
-// vals[k]; n_wide: the layer's in-features (the tile side read or written at random).
-template <typename S>
-void spmm(const S* in, const int32_t* src_idx, const int32_t* dst_idx, const S* vals, int64_t nnz, int64_t T,
-          int64_t n_src, int64_t n_dst, int64_t n_wide, int64_t n_threads, S* out) {
-  with_tile<S>(n_wide, [&](auto tile) {
-    decltype(tile)::spmm(in, src_idx, dst_idx, vals, nnz, T, n_src, n_dst, n_threads, out);
-  });
-}
-
-// At SHiRA's entries of a row-major (n_out, n_in) weight w, k < nnz, i_k = rows[k] * n_in + cols[k]:
-//   mode 0 merge    saved[k] = w[i_k];  w[i_k] = saved[k] + scale * v[k]
-//   mode 1 rewrite  w[i_k] = saved[k] + scale * v[k]       (saved: W0's entries from a merge)
-//   mode 2 restore  w[i_k] = saved[k]                      (bit-exact)
-// Entries are distinct, so threads split k freely. No fused multiply-add: the product is
+// At SHiRA's entries of a row-major (n_rows, n_cols) weight w, k < nnz in row-major order:
+//   mode 0 merge    saved[k] = w[r, col[k]];  w[r, col[k]] = saved[k] + scale * v[k]
+//   mode 1 rewrite  w[r, col[k]] = saved[k] + scale * v[k]       (saved: W0's entries from a merge)
+//   mode 2 restore  w[r, col[k]] = saved[k]                      (bit-exact)
+// Entries are distinct, so threads split rows freely. No fused multiply-add: the product is
 // rounded, then the sum, as torch's merge does, so both paths write the same bits.
 template <typename S>
-__attribute__((optimize("fp-contract=off"))) void scatter(S* w, const int32_t* rows, const int32_t* cols, int64_t n_in, int64_t nnz, const S* v, S scale,
-             S* saved, int64_t mode, int64_t n_threads) {
+__attribute__((optimize("fp-contract=off"))) void scatter(S* w, const int32_t* crow, const int32_t* col,
+                                                          int64_t n_rows, int64_t n_cols, const S* v, S scale,
+                                                          S* saved, int64_t mode, int64_t n_threads) {
 #pragma omp parallel for num_threads(std::max<int64_t>(1, n_threads)) schedule(static)
-  for (int64_t k = 0; k < nnz; ++k) {
-    const int64_t at = int64_t(rows[k]) * n_in + cols[k];
-    if (mode == 0) saved[k] = w[at];
-    w[at] = mode == 2 ? saved[k] : saved[k] + scale * v[k];
+  for (int64_t r = 0; r < n_rows; ++r) {
+    S* wr = w + r * n_cols;
+    for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+      if (mode == 0) saved[k] = wr[col[k]];
+      wr[col[k]] = mode == 2 ? saved[k] : saved[k] + scale * v[k];
+    }
   }
 }
 
 }  // namespace
 
 extern "C" {
-void shira_scatter_f32(float* w, const int32_t* rows, const int32_t* cols, int64_t n_in, int64_t nnz,
-                       const float* v, double scale, float* saved, int64_t mode, int64_t n_threads) {
-  scatter<float>(w, rows, cols, n_in, nnz, v, float(scale), saved, mode, n_threads);
-}
-void shira_scatter_f64(double* w, const int32_t* rows, const int32_t* cols, int64_t n_in, int64_t nnz,
-                       const double* v, double scale, double* saved, int64_t mode, int64_t n_threads) {
-  scatter<double>(w, rows, cols, n_in, nnz, v, scale, saved, mode, n_threads);
-}
-void shira_spmm_f32(const float* in, const int32_t* src_idx, const int32_t* dst_idx, const float* vals, int64_t nnz,
-                    int64_t T, int64_t n_src, int64_t n_dst, int64_t n_wide, int64_t n_threads, float* out) {
-  spmm<float>(in, src_idx, dst_idx, vals, nnz, T, n_src, n_dst, n_wide, n_threads, out);
-}
-void shira_spmm_f64(const double* in, const int32_t* src_idx, const int32_t* dst_idx, const double* vals,
-                    int64_t nnz, int64_t T, int64_t n_src, int64_t n_dst, int64_t n_wide, int64_t n_threads,
-                    double* out) {
-  spmm<double>(in, src_idx, dst_idx, vals, nnz, T, n_src, n_dst, n_wide, n_threads, out);
-}
-void shira_sddmm_f32(const float* gy, const float* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
-                     int64_t T, int64_t n_out, int64_t n_in, int64_t n_threads, float* out) {
-  sddmm<float>(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
-}
-void shira_sddmm_f64(const double* gy, const double* x, const int32_t* rows, const int32_t* cols, int64_t nnz,
-                     int64_t T, int64_t n_out, int64_t n_in, int64_t n_threads, double* out) {
-  sddmm<double>(gy, x, rows, cols, nnz, T, n_out, n_in, n_threads, out);
-}
+#define SHIRA_EXPORT(S, SUFFIX)                                                                                    \
+  void shira_sddmm_##SUFFIX(const S* gy, const S* x, const int32_t* crow, const int32_t* col, int64_t n_rows,      \
+                            int64_t n_cols, int64_t T, int64_t n_threads, S* out) {                              \
+    with_tile<S>(n_cols, T, [&](auto tile) { decltype(tile)::sddmm(gy, x, crow, col, n_rows, n_cols, T, n_threads, out); }); \
+  }                                                                                                                \
+  void shira_spmm_##SUFFIX(const S* in, const int32_t* crow, const int32_t* col, const S* v, int64_t n_rows,       \
+                           int64_t n_cols, int64_t transposed, int64_t T, int64_t n_threads, S* out) {           \
+    with_tile<S>(n_cols, T, [&](auto tile) {                                                                       \
+      decltype(tile)::spmm(in, crow, col, v, n_rows, n_cols, transposed != 0, T, n_threads, out);                 \
+    });                                                                                                            \
+  }                                                                                                                \
+  void shira_scatter_##SUFFIX(S* w, const int32_t* crow, const int32_t* col, int64_t n_rows, int64_t n_cols,      \
+                              const S* v, double scale, S* saved, int64_t mode, int64_t n_threads) {             \
+    scatter<S>(w, crow, col, n_rows, n_cols, v, S(scale), saved, mode, n_threads);                                \
+  }
+SHIRA_EXPORT(float, f32)
+SHIRA_EXPORT(double, f64)
+#undef SHIRA_EXPORT
 }

@@ -1,16 +1,20 @@
 """The native CPU kernels (cpu_sddmm.cpp): built once with the system C++ compiler, called via ctypes.
 
-    sddmm     out[k] = Σ_t grad_y[t, rows[k]] · x[t, cols[k]]      grad_y: (T, out), x: (T, in)
-    spmm      out[t, dst[k]] += v[k] · inp[t, src[k]]              x @ S^T and grad_y @ S
-    scatter_  W[rows[k], cols[k]] = W0_k + scale·v[k]  /  = W0_k     merge, rewrite, restore
+A pattern S (out, in) comes as CSR (``crow`` (out+1,), ``col`` (nnz,) int32, row-major), with
+r(k) the row of entry k; values and results are (nnz,) in row-major order:
+
+    sddmm     out[k] = Σ_t grad_y[t, r(k)] · x[t, col[k]]          grad_y: (T, out), x: (T, in)
+    spmm      x @ S^T (forward) and, ``transposed``, grad_y @ S (grad_x)
+    scatter_  W[r(k), col[k]] = W0_k + scale·v[k]  /  = W0_k       merge, rewrite, restore
 
 Why a small C++ kernel: on the CPU, ``torch.sparse.sampled_addmm`` (MKL) costs about as much
 as the layer's forward matmul, and torch.compile's gather-reduce needs transposed copies of
 grad_y and x that cost as much again; the kernel transposes tiles of 128 tokens into
 L2-sized buffers instead (see the .cpp header). benchmarks/bench_sddmm.py compares them.
-The sparse products use the same tiles (one vectorised axpy per entry), read the row-major
-entry list both ways, so no CSR of S^T is kept (measured 0.4-0.7x of the layer's dense
-forward vs MKL CSR's 0.5-1.1x, T=1024, r=32, 2 threads).
+The sparse products use the same tiles (vectorised axpys), read S's rows both ways, so no
+CSR of S^T is kept (measured 0.4-0.7x of the layer's dense forward vs MKL CSR's 0.5-1.1x,
+T=1024, r=32, 2 threads). With fewer token tiles than threads (small batches), the threads
+share each tile and split S's rows instead (see the .cpp header).
 
 The library is compiled on first use (about a second; ``-march=native``) into
 ``$SHIRA_DIST_CACHE`` (default ``~/.cache/shira_dist``), under a name that hashes the source,
@@ -30,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -57,9 +62,9 @@ def choice() -> str:
     return value
 
 
-def usable(x: Tensor, rows: Tensor) -> bool:
-    """Whether :func:`sddmm` takes these inputs (CPU, fp32/fp64, int32 indices) and is chosen."""
-    if x.device.type != "cpu" or x.dtype not in _FUNCS or rows.dtype != torch.int32:
+def usable(x: Tensor, col: Tensor) -> bool:
+    """Whether the kernels take these inputs (CPU, fp32/fp64, int32 pattern) and are chosen."""
+    if x.device.type != "cpu" or x.dtype not in _FUNCS or col.dtype != torch.int32:
         return False
     want = choice()
     if want == "torch":
@@ -98,93 +103,118 @@ def library() -> Optional[ctypes.CDLL]:
                 subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True,
                                capture_output=True, text=True)
                 os.replace(built, path)
+            _drop_stale_builds(cache, keep=path)
+        else:
+            os.utime(path)  # in use: not stale for other versions' clean-up
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         warnings.warn(f"shira_dist: building the native CPU SDDMM failed; falling back to torch.sparse "
                       f"(slower): {detail[-2000:]}")
         return None
-    for name in _FUNCS.values():
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
-        fn.restype = None
-    for name in _SPMM_FUNCS.values():
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
-        fn.restype = None
-    for name in _SCATTER_FUNCS.values():
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_double,
-                                                                      ctypes.c_void_p] + [ctypes.c_int64] * 2
-        fn.restype = None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    signatures = ((_FUNCS, [ptr] * 4 + [i64] * 4 + [ptr]),
+                  (_SPMM_FUNCS, [ptr] * 4 + [i64] * 5 + [ptr]),
+                  (_SCATTER_FUNCS, [ptr] * 3 + [i64] * 2 + [ptr, ctypes.c_double, ptr] + [i64] * 2))
+    for funcs, argtypes in signatures:
+        for name in funcs.values():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
     return lib
 
 
-def scatter_usable(weight: Tensor, indices: Tensor) -> bool:
-    """Whether :func:`scatter_` takes this weight (CPU, fp32/fp64, contiguous) and indices (int32)."""
-    return (weight.device.type == "cpu" and weight.dtype in _SCATTER_FUNCS and weight.is_contiguous()
-            and indices.dtype == torch.int32 and indices.device.type == "cpu" and usable(weight, indices))
+_STALE_AFTER_S = 30 * 24 * 3600
 
 
-def scatter_(weight: Tensor, indices: Tensor, mode: str, saved: Tensor, values: Optional[Tensor] = None,
-             scale: float = 1.0) -> None:
-    """In place at ``indices`` of ``weight`` (out, in): mode "merge" fills ``saved`` (nnz,) with W0's
-    entries and writes W0 + scale*values; "rewrite" writes saved + scale*values; "restore"
-    writes ``saved`` back (bit-exact). indices: (2, nnz) int32. Check :func:`scatter_usable` first.
-    """
+def _drop_stale_builds(cache: Path, keep: Path) -> None:
+    """Remove builds of other source versions untouched for 30 days (a loaded library stays valid)."""
+    now = time.time()
+    for old in cache.glob("cpu_sddmm_*.so"):
+        try:
+            if old != keep and now - old.stat().st_mtime > _STALE_AFTER_S:
+                old.unlink()
+        except OSError:
+            pass  # another process removed it first
+
+
+def _lib() -> ctypes.CDLL:
     lib = library()
     if lib is None:
-        raise RuntimeError("the native CPU kernels are not available; check scatter_usable() first")
-    nnz = indices.shape[1]
+        raise RuntimeError("the native CPU kernels are not available; check usable() first")
+    return lib
+
+
+def _pattern(crow: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
+    if crow.dtype != torch.int32 or col.dtype != torch.int32 or crow.device.type != "cpu" or col.device.type != "cpu":
+        raise ValueError(f"the native kernels take int32 CPU crow/col, got {crow.dtype} on {crow.device.type}, "
+                         f"{col.dtype} on {col.device.type}")
+    return crow.contiguous(), col.contiguous()
+
+
+def scatter_usable(weight: Tensor, col: Tensor) -> bool:
+    """Whether :func:`scatter_` takes this weight (CPU, fp32/fp64, contiguous) and pattern (int32, CPU)."""
+    return (weight.device.type == "cpu" and weight.dtype in _SCATTER_FUNCS and weight.is_contiguous()
+            and col.device.type == "cpu" and usable(weight, col))
+
+
+def scatter_(weight: Tensor, crow: Tensor, col: Tensor, mode: str, saved: Tensor, values: Optional[Tensor] = None,
+             scale: float = 1.0) -> None:
+    """In place at the pattern's entries of ``weight`` (out, in): mode "merge" fills ``saved`` (nnz,)
+    with W0's entries and writes W0 + scale*values; "rewrite" writes saved + scale*values;
+    "restore" writes ``saved`` back (bit-exact). saved/values: row-major order. Check
+    :func:`scatter_usable` first.
+    """
+    crow, col = _pattern(crow, col)
+    nnz = col.numel()
+    if crow.numel() != weight.shape[0] + 1:
+        raise ValueError(f"scatter_: crow has {crow.numel()} offsets for a weight with {weight.shape[0]} rows")
     if saved.dtype != weight.dtype or saved.shape != (nnz,) or not saved.is_contiguous():
         raise ValueError(f"scatter_: saved must be a contiguous ({nnz},) {weight.dtype} tensor, got "
                          f"{tuple(saved.shape)} {saved.dtype}")
     if mode != "restore":
         values = values.detach().to(weight.dtype).contiguous()
-    rows, cols = indices[0].contiguous(), indices[1].contiguous()
-    getattr(lib, _SCATTER_FUNCS[weight.dtype])(
-        weight.data_ptr(), rows.data_ptr(), cols.data_ptr(), weight.shape[1], nnz,
+    getattr(_lib(), _SCATTER_FUNCS[weight.dtype])(
+        weight.data_ptr(), crow.data_ptr(), col.data_ptr(), weight.shape[0], weight.shape[1],
         None if values is None else values.data_ptr(), float(scale), saved.data_ptr(), SCATTER_MODES[mode],
         torch.get_num_threads())
 
 
-def sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """grad_y: (T, out), x: (T, in) same dtype (fp32/fp64, CPU); rows/cols: (nnz,) int32 -> (nnz,).
-
-    Uses ``torch.get_num_threads()`` threads. Check :func:`usable` first.
+def sddmm(grad_y: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+    """grad_y: (T, out), x: (T, in) same dtype (fp32/fp64, CPU); crow (out+1,), col (nnz,) int32
+    -> (nnz,) in row-major order. Uses ``torch.get_num_threads()`` threads. Check :func:`usable` first.
     """
     if grad_y.dtype != x.dtype or grad_y.shape[0] != x.shape[0]:
         raise ValueError(f"sddmm: grad_y {tuple(grad_y.shape)} {grad_y.dtype} and x {tuple(x.shape)} {x.dtype} "
                          "need the same dtype and number of tokens")
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native SDDMM kernel is not available; check usable() first")
+    crow, col = _pattern(crow, col)
+    if crow.numel() != grad_y.shape[1] + 1:
+        raise ValueError(f"sddmm: crow has {crow.numel()} offsets for grad_y with {grad_y.shape[1]} features")
     grad_y, x = grad_y.contiguous(), x.contiguous()
-    rows, cols = rows.contiguous(), cols.contiguous()
-    out = torch.empty(rows.numel(), dtype=x.dtype)
-    getattr(lib, _FUNCS[x.dtype])(grad_y.data_ptr(), x.data_ptr(), rows.data_ptr(), cols.data_ptr(), rows.numel(),
-                                  x.shape[0], grad_y.shape[1], x.shape[1], torch.get_num_threads(), out.data_ptr())
+    out = torch.empty(col.numel(), dtype=x.dtype)
+    getattr(_lib(), _FUNCS[x.dtype])(grad_y.data_ptr(), x.data_ptr(), crow.data_ptr(), col.data_ptr(),
+                                     grad_y.shape[1], x.shape[1], x.shape[0], torch.get_num_threads(), out.data_ptr())
     return out
 
 
-def spmm(inp: Tensor, src: Tensor, dst: Tensor, values: Tensor, n_dst: int, n_wide: int) -> Tensor:
-    """``out[t, dst[k]] += values[k] * inp[t, src[k]]``: (T, n_src) -> (T, n_dst), fresh.
+def spmm(inp: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_cols: int, transposed: bool = False) -> Tensor:
+    """The sparse product with S (n_rows, n_cols) = CSR(crow, col, values), fresh output:
 
-    That is ``inp @ A^T`` for the sparse A (n_dst, n_src) with ``A[dst[k], src[k]] = values[k]``:
-    the forward ``x @ S^T`` with (src, dst) = (cols, rows), and ``grad_y @ S`` with (rows,
-    cols), from the same entry list (no CSR of S^T). inp/values fp32 or fp64 on the CPU,
-    src/dst (nnz,) int32; n_wide: the in-features width, which picks the token tile.
-    Reference: ``inp @ A.t()`` with A dense.
+    ``transposed=False``: inp (T, n_cols) -> inp @ S^T (T, n_rows)   (the forward x @ S^T)
+    ``transposed=True``:  inp (T, n_rows) -> inp @ S   (T, n_cols)   (grad_x = grad_y @ S)
+
+    values (nnz,) row-major, same dtype as inp (fp32/fp64, CPU). Reference: ``inp @ dense(S).t()``
+    / ``inp @ dense(S)``.
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native CPU kernels are not available; check usable() first")
+    crow, col = _pattern(crow, col)
     if values.dtype != inp.dtype:
         raise ValueError(f"spmm: values {values.dtype} and input {inp.dtype} need the same dtype")
+    n_rows = crow.numel() - 1
+    width = n_rows if transposed else n_cols
+    if inp.shape[1] != width:
+        raise ValueError(f"spmm: input has {inp.shape[1]} features, the pattern ({n_rows}, {n_cols}) needs {width}")
     inp, values = inp.contiguous(), values.contiguous()
-    src, dst = src.contiguous(), dst.contiguous()
-    out = torch.empty(inp.shape[0], n_dst, dtype=inp.dtype)
-    getattr(lib, _SPMM_FUNCS[inp.dtype])(inp.data_ptr(), src.data_ptr(), dst.data_ptr(), values.data_ptr(),
-                                         src.numel(), inp.shape[0], inp.shape[1], n_dst, n_wide,
-                                         torch.get_num_threads(), out.data_ptr())
+    out = torch.empty(inp.shape[0], n_cols if transposed else n_rows, dtype=inp.dtype)
+    getattr(_lib(), _SPMM_FUNCS[inp.dtype])(inp.data_ptr(), crow.data_ptr(), col.data_ptr(), values.data_ptr(),
+                                            n_rows, n_cols, int(transposed), inp.shape[0], torch.get_num_threads(),
+                                            out.data_ptr())
     return out

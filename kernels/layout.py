@@ -1,16 +1,16 @@
-"""Compressed sparse row layouts of a SHiRA pattern, built once per adapter.
+"""Compressed sparse row layouts of a SHiRA pattern: what the kernels take.
 
-A SHiRA adapter of an (out, in) weight is ``indices: (2, nnz) int`` (row 0 = output
-index, row 1 = input index, any order, no duplicates) plus ``values: (nnz,)`` in the
-same order. The CSR form below lets ``torch.sparse`` and the kernels multiply without ever
-building a dense (out, in) tensor.
+A SHiRA adapter of an (out, in) weight is, in PEFT's form, ``indices: (2, nnz) int`` (row 0 =
+output index, row 1 = input index, any order, no duplicates) plus ``values: (nnz,)`` in the
+same order. The kernels take the pattern as CSR instead: ``crow`` (out+1,) and ``col`` (nnz,)
+in row-major order, plus ``order`` (nnz,) only when the stored order is not row-major
+(``values_rowmajor = values[order]``). That is also how ``ShiraLinear`` stores it
+(shira_dist/patterns.py): 4 bytes per entry instead of PEFT's 8, since the row of each entry
+follows from ``crow``; masks are generated row-major, so ``order`` is normally absent.
 
-Memory: the layout adds as little as possible to the indices it is built from. Indices are
-int32 (int64 only past 2^31 entries or features). Masks are generated row-major sorted; then
-``order`` is None (identity: no gather of the values, no copy) and ``row``/``col`` are views of
-the stored indices, so a layout costs only ``crow`` (out+1 ints). The CSR of S^T, needed only
-by the unfused backward's grad_x, is built on first use (:meth:`CsrLayout.transposed`):
-4+4 more bytes per nnz (``col``, ``order``; its ``row`` is a view).
+Indices are int32 (int64 only past 2^31 entries or features). The CSR of S^T, needed only by
+the torch.sparse fallback of the unfused backward's grad_x, is built on first use
+(:meth:`CsrLayout.transposed`); the native CPU kernels read S's rows both ways.
 """
 
 from __future__ import annotations
@@ -24,33 +24,86 @@ from torch import Tensor
 _INT32_MAX = 2**31 - 1
 
 
-def flat_index(indices: Tensor, in_features: int) -> Tensor:
-    """indices: (2, nnz) int -> (nnz,) int64 positions in the row-major flattened weight."""
-    return indices[0].long() * in_features + indices[1].long()
-
-
 def index_dtype(nnz: int, shape: tuple[int, ...]) -> torch.dtype:
     """int32 when every index and CSR offset fits, else int64."""
     return torch.int32 if max(nnz, *shape) <= _INT32_MAX else torch.int64
+
+
+def compress_indices(indices: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """indices: (2, nnz) int, in range, any order -> (crow (out+1,), col (nnz,), order (nnz,) or None).
+
+    ``col`` is in row-major order; ``order[j]`` is the stored position of the j-th row-major
+    entry (None when the indices already are row-major). Raises ``ValueError`` on duplicates.
+    """
+    out_f, in_f = shape
+    nnz = indices.shape[1]
+    dt = index_dtype(nnz, shape)
+    idx = indices.to(dt)  # a no-op (no copy) for int32 indices
+    key = idx[0].long() * in_f + idx[1].long()
+    order = None
+    if nnz > 1 and not bool((key[1:] > key[:-1]).all()):
+        order = torch.argsort(key)
+        key = key[order]
+        if bool((key[1:] == key[:-1]).any()):
+            k = int(key[:-1][key[1:] == key[:-1]][0])
+            raise ValueError(f"indices hold the entry ({k // in_f}, {k % in_f}) more than once; "
+                             "a SHiRA pattern has distinct entries")
+        order = order.to(dt)
+    col = idx[1].contiguous() if order is None else idx[1][order]
+    row = idx[0] if order is None else idx[0][order]
+    return _crow(row, out_f, dt), col, order
+
+
+def row_ids(crow: Tensor) -> Tensor:
+    """crow: (n_rows+1,) -> (nnz,) the row of each row-major entry (same dtype)."""
+    n_rows = crow.numel() - 1
+    rows = torch.arange(n_rows, dtype=crow.dtype, device=crow.device)
+    return torch.repeat_interleave(rows, (crow[1:] - crow[:-1]).long(), output_size=int(crow[-1]))
+
+
+def expand_indices(crow: Tensor, col: Tensor, order: Optional[Tensor]) -> Tensor:
+    """Inverse of :func:`compress_indices`: (2, nnz) indices in the stored order (a new tensor)."""
+    rowmajor = torch.stack([row_ids(crow), col])
+    if order is None:
+        return rowmajor
+    out = torch.empty_like(rowmajor)
+    out[:, order.long()] = rowmajor
+    return out
+
+
+def flat_index(layout: "CsrLayout") -> Tensor:
+    """(nnz,) int64 positions of the layout's entries in the flattened weight, row-major order."""
+    return row_ids(layout.crow).long() * layout.shape[1] + layout.col.long()
 
 
 @dataclass(eq=False)
 class CsrLayout:
     """CSR of S (n_rows, n_cols) for one fixed pattern.
 
-    crow: (n_rows+1,), row/col: (nnz,) row and column of each entry in row-major order,
-    order: (nnz,) with ``values_rowmajor = values[order]``, or None when the stored order
-    already is row-major. All int32 (int64 only for > 2^31 entries or features). ``row`` is
-    None in the transposed layout (only the SDDMM of S reads it; crow has the same facts).
+    crow: (n_rows+1,), col: (nnz,) column of each entry in row-major order, order: (nnz,) with
+    ``values_rowmajor = values[order]``, or None when the stored order already is row-major.
+    All int32 (int64 only for > 2^31 entries or features). Rows of entries are not stored
+    (:meth:`rows` computes them for the paths that want them).
     """
 
     shape: tuple[int, int]
     crow: Tensor
-    row: Optional[Tensor]
     col: Tensor
     order: Optional[Tensor]
     blocks: Optional["DenseBlocks"] = None
     _t: Optional["CsrLayout"] = field(default=None, repr=False)
+
+    @property
+    def nnz(self) -> int:
+        return self.col.shape[0]
+
+    def rows(self) -> Tensor:
+        """(nnz,) the row of each row-major entry: computed, not kept."""
+        return row_ids(self.crow)
+
+    def indices(self) -> Tensor:
+        """(2, nnz) indices in the stored order (PEFT's form): computed, not kept."""
+        return expand_indices(self.crow, self.col, self.order)
 
     def rowmajor(self, values: Tensor) -> Tensor:
         """values: (nnz,) in stored order -> (nnz,) in row-major order (no copy if already so)."""
@@ -68,11 +121,11 @@ class CsrLayout:
         """The CSR of S^T (n_cols, n_rows), ``order`` relative to the stored values; built once, kept."""
         if self._t is None:
             n_rows, n_cols = self.shape
-            perm = torch.argsort(self.col.long() * n_rows + self.row.long())  # row-major of S -> of S^T
+            row = self.rows()
+            perm = torch.argsort(self.col.long() * n_rows + row.long())  # row-major of S -> of S^T
             order = perm if self.order is None else self.order[perm]
             dt = self.col.dtype
-            self._t = CsrLayout((n_cols, n_rows), _crow(self.col[perm], n_cols, dt), None, self.row[perm],
-                                order.to(dt))
+            self._t = CsrLayout((n_cols, n_rows), _crow(self.col[perm], n_cols, dt), row[perm], order.to(dt))
         return self._t
 
 
@@ -108,24 +161,22 @@ def _crow(major_sorted: Tensor, n_major: int, dtype: torch.dtype) -> Tensor:
     return crow
 
 
-def build_csr_layout(indices: Tensor, shape: tuple[int, int], find_blocks: bool = True) -> CsrLayout:
-    """indices: (2, nnz) int on any device; shape: (out, in).
+def csr_layout(shape: tuple[int, int], crow: Tensor, col: Tensor, order: Optional[Tensor],
+               find_blocks: bool = True) -> CsrLayout:
+    """A layout over already compressed tensors (no copies), e.g. a layer's stored pattern.
 
     With ``find_blocks`` and at least half of the entries in whole rows/columns, the layout
     also carries :class:`DenseBlocks` so the values' gradient uses dense sub-GEMMs there.
     """
-    out_f, in_f = shape
-    nnz = indices.shape[1]
-    dt = index_dtype(nnz, shape)
-    idx = indices.to(dt)  # a no-op (no copy) for the usual int32 indices
-    key = idx[0].long() * in_f + idx[1].long()
-    if nnz < 2 or bool((key[1:] > key[:-1]).all()):  # already row-major: views, no order
-        order, row, col = None, idx[0].contiguous(), idx[1].contiguous()
-    else:
-        perm = torch.argsort(key)
-        order, row, col = perm.to(dt), idx[0][perm], idx[1][perm]
-    blocks = _find_blocks(idx, shape) if find_blocks else None
-    return CsrLayout((out_f, in_f), _crow(row, out_f, dt), row, col, order, blocks)
+    blocks = None
+    if find_blocks and col.numel():
+        blocks = _find_blocks(expand_indices(crow, col, order), shape)
+    return CsrLayout(tuple(shape), crow, col, order, blocks)
+
+
+def build_csr_layout(indices: Tensor, shape: tuple[int, int], find_blocks: bool = True) -> CsrLayout:
+    """indices: (2, nnz) int on any device, distinct entries; shape: (out, in). See :func:`csr_layout`."""
+    return csr_layout(shape, *compress_indices(indices, shape), find_blocks=find_blocks)
 
 
 def _rank_of(selected: Tensor, n: int) -> Tensor:

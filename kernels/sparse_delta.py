@@ -7,8 +7,8 @@
               grad_v = s * (grad_y^T @ x)[rows, cols]  SDDMM: only the nnz dot products
 
 No (out, in) tensor (weight copy or weight gradient) is ever allocated. CPU: the native
-kernels of cpu_sddmm.py (token-tiled, from the row-major entry list: both products and the
-SDDMM, no CSR of S^T needed), else torch.sparse (MKL CSR products, CSR of S^T built at the
+kernels of cpu_sddmm.py (token-tiled, from S's CSR rows: both products and the SDDMM, no
+CSR of S^T needed), else torch.sparse (MKL CSR products, CSR of S^T built at the
 first backward, sampled_addmm); CUDA: the Triton kernels in triton_kernels.py. The dense
 references :func:`delta_matmul_reference` (builds S densely and lets autograd do the rest)
 and :func:`sddmm_reference` are what the tests compare to.
@@ -56,7 +56,7 @@ def _spmm_t(x2d: Tensor, crow: Tensor, col: Tensor, vals_rowmajor: Tensor, n_row
 
 def _native(t: Tensor, layout: CsrLayout) -> bool:
     """The native CPU kernels (cpu_sddmm.py) take this input and layout."""
-    return layout.row is not None and not use_triton(t) and cpu_sddmm.usable(t, layout.row)
+    return not use_triton(t) and cpu_sddmm.usable(t, layout.col)
 
 
 class _SparseDeltaMatmul(torch.autograd.Function):
@@ -66,8 +66,8 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         cdt = _compute_dtype(x2d)
         xc = x2d.to(cdt)
         v = values.to(cdt) * scale
-        if _native(xc, layout):  # (T, out), entry by entry from the row-major list: no CSR product
-            y = cpu_sddmm.spmm(xc, layout.col, layout.row, layout.rowmajor(v), out_f, in_f)
+        if _native(xc, layout):  # (T, out), row by row of S
+            y = cpu_sddmm.spmm(xc, layout.crow, layout.col, layout.rowmajor(v), in_f)
         else:
             y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)
         ctx.save_for_backward(x2d, values)
@@ -84,8 +84,9 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
             v = values.to(cdt) * ctx.scale
-            if _native(gy, layout):  # same entry list, roles swapped: the CSR of S^T is never built
-                grad_x = cpu_sddmm.spmm(gy, layout.row, layout.col, layout.rowmajor(v), in_f, in_f).to(x2d.dtype)
+            if _native(gy, layout):  # S's rows again, roles swapped: the CSR of S^T is never built
+                grad_x = cpu_sddmm.spmm(gy, layout.crow, layout.col, layout.rowmajor(v), in_f,
+                                        transposed=True).to(x2d.dtype)
             else:
                 lt = layout.transposed()
                 grad_x = _spmm_t(gy, lt.crow, lt.col, lt.rowmajor(v), in_f, out_f).to(x2d.dtype)
@@ -104,7 +105,7 @@ def sddmm(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
     b = layout.blocks
     if b is None:
         return _sddmm_sparse(grad_y, x, layout)
-    out = torch.empty(layout.col.shape[0], dtype=x.dtype, device=x.device)
+    out = torch.empty(layout.nnz, dtype=x.dtype, device=x.device)
     if b.rows.numel():
         g_rows = grad_y[:, b.rows].t() @ x  # (R, in)
         out[b.row_pos] = g_rows[b.row_rank, b.row_col]
@@ -120,9 +121,9 @@ def _sddmm_sparse(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
     if use_triton(x):
         from . import triton_kernels
 
-        sampled = triton_kernels.sddmm(grad_y, x, layout.row, layout.col).to(x.dtype)
-    elif cpu_sddmm.usable(x, layout.row):
-        sampled = cpu_sddmm.sddmm(grad_y, x, layout.row, layout.col)
+        sampled = triton_kernels.sddmm(grad_y, x, layout.rows(), layout.col).to(x.dtype)
+    elif cpu_sddmm.usable(x, layout.col):
+        sampled = cpu_sddmm.sddmm(grad_y, x, layout.crow, layout.col)
     else:
         zeros = torch.zeros(layout.col.shape[0], dtype=x.dtype, device=x.device)
         pattern = _csr(layout.crow, layout.col, zeros, layout.shape)

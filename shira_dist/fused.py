@@ -11,18 +11,22 @@ and the next forward re-writes the nnz entries, with no call from the user.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import Tensor, nn
 
 from .buffer_dict import BufferDict
-from .kernels import scatter_merge_, scatter_restore_, scatter_rewrite_
+from .kernels import CsrLayout, scatter_merge_, scatter_restore_, scatter_rewrite_
+
+LayoutOf = Callable[[str], CsrLayout]  # adapter name -> its pattern's current layout
 
 
 def _stamp(values: Tensor, scale: float) -> tuple:
     return (values._version, values.data_ptr(), values.device, float(scale))
 
 
-def _index_stamp(indices: Tensor) -> tuple:
-    return (indices._version, indices.data_ptr(), indices.device)
+def _pattern_stamp(layout: CsrLayout) -> tuple:
+    return tuple((t.data_ptr(), t.device, t._version) for t in (layout.crow, layout.col))
 
 
 class FusedDelta(nn.Module):
@@ -33,7 +37,7 @@ class FusedDelta(nn.Module):
         self.originals = BufferDict(persistent=False)  # name -> W0[idx] (nnz,)
         self.order: list[str] = []
         self._stamps: dict[str, tuple] = {}
-        self._index_stamps: dict[str, tuple] = {}
+        self._pattern_stamps: dict[str, tuple] = {}
 
     @property
     def active(self) -> bool:
@@ -42,34 +46,40 @@ class FusedDelta(nn.Module):
     def is_current(self, names: list[str], values: dict[str, Tensor], scales: dict[str, float]) -> bool:
         return names == self.order and all(self._stamps[n] == _stamp(values[n], scales[n]) for n in names)
 
-    def write(self, weight: Tensor, names: list[str], indices: dict[str, Tensor], values: dict[str, Tensor],
+    def write(self, weight: Tensor, names: list[str], layout_of: LayoutOf, values: dict[str, Tensor],
               scales: dict[str, float]) -> None:
         """Make ``weight`` = W0 + Σ deltas of ``names`` (restoring the previous write first)."""
         n = names[0] if len(names) == 1 else None
-        if n is not None and self.order == [n] and self._index_stamps[n] == _index_stamp(indices[n]):
+        if n is not None and self.order == [n] and self._pattern_stamps[n] == _pattern_stamp(layout_of(n)):
             # the usual step (one adapter, new values): its saved W0 entries are still under the write
-            scatter_rewrite_(weight, indices[n], self.originals[n], values[n], scales[n])
+            scatter_rewrite_(weight, layout_of(n), self.originals[n], values[n], scales[n])
             self._stamps[n] = _stamp(values[n], scales[n])
             return
-        self.restore(weight, indices)
+        self.restore(weight, layout_of)
         for n in names:
-            self.originals[n] = scatter_merge_(weight, indices[n], values[n], scales[n])
+            layout = layout_of(n)
+            self.originals[n] = scatter_merge_(weight, layout, values[n], scales[n])
             self.order.append(n)
             self._stamps[n] = _stamp(values[n], scales[n])
-            self._index_stamps[n] = _index_stamp(indices[n])
+            self._pattern_stamps[n] = _pattern_stamp(layout)
 
-    def restore(self, weight: Tensor, indices: dict[str, Tensor]) -> None:
+    def restore(self, weight: Tensor, layout_of: LayoutOf) -> None:
         """Put W0 back at every fused index, bit-exactly (last written first)."""
         while self.order:
-            n = self.order.pop()
-            scatter_restore_(weight, indices[n], self.originals[n])
+            n = self.order[-1]
+            layout = layout_of(n)
+            if self._pattern_stamps[n] != _pattern_stamp(layout):
+                raise RuntimeError(f"adapter {n!r}: its indices changed while fused into the weight; "
+                                   "unfuse (layer.unfuse()) before replacing indices")
+            scatter_restore_(weight, layout, self.originals[n])
+            self.order.pop()
             del self.originals[n]
             del self._stamps[n]
-            del self._index_stamps[n]
+            del self._pattern_stamps[n]
 
-    def unfused_copy(self, weight: Tensor, indices: dict[str, Tensor]) -> Tensor:
+    def unfused_copy(self, weight: Tensor, layout_of: LayoutOf) -> Tensor:
         """A copy of ``weight`` with W0 at the fused indices (for state_dict)."""
         out = weight.detach().clone()
         for n in reversed(self.order):
-            scatter_restore_(out, indices[n], self.originals[n])
+            scatter_restore_(out, layout_of(n), self.originals[n])
         return out

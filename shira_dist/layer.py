@@ -15,7 +15,8 @@ Two execution modes give the same results (see ``set_fuse_mode``):
 
 Merging writes ``W0[idx] + scale·values`` into the base weight at the indices only and
 keeps ``W0[idx]``, so unmerging restores the weight bit-exactly. State is registered:
-values are parameters, indices are buffers, so ``state_dict()`` and ``.to()`` see them.
+values are parameters, patterns are buffers (CSR, 4 bytes per entry; read and saved as
+PEFT's (2, nnz) indices, see patterns.py), so ``state_dict()`` and ``.to()`` see them.
 """
 
 from __future__ import annotations
@@ -28,15 +29,9 @@ from torch import Tensor, nn
 
 from .buffer_dict import BufferDict
 from .fused import FusedDelta
-from .kernels import (
-    CsrLayout,
-    build_csr_layout,
-    fused_values_grad,
-    scatter_merge_,
-    scatter_restore_,
-    sparse_delta_matmul,
-)
+from .kernels import CsrLayout, fused_values_grad, scatter_merge_, scatter_restore_, sparse_delta_matmul
 from .masks import mask_to_indices, shira_budget, validate_indices
+from .patterns import PatternDict
 
 FUSE_MODES = ("auto", "fused", "unfused")
 # "auto" fuses fp32/fp64 weights only: a half-precision weight would round small deltas away.
@@ -82,7 +77,7 @@ class ShiraLinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.fan_in_fan_out = False
         self.shira_weight = nn.ParameterDict()
-        self.shira_indices = BufferDict(persistent=True)
+        self.shira_indices = PatternDict((self.out_features, self.in_features), self.layer_name)
         self._merged_originals = BufferDict(persistent=False)  # W0[idx] of merged adapters
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
@@ -125,7 +120,7 @@ class ShiraLinear(nn.Module):
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         init = torch.zeros(nnz, dtype=dtype, device=device) if init_weights else torch.randn(nnz, device=device).to(dtype)
         self.shira_weight[adapter_name] = nn.Parameter(init, requires_grad=adapter_name in self._active_adapters)
-        self.shira_indices[adapter_name] = idx.to(device).contiguous()
+        self.shira_indices[adapter_name] = idx.to(device)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = 1.0
         self._layouts.pop(adapter_name, None)
@@ -175,11 +170,12 @@ class ShiraLinear(nn.Module):
 
     # ---- math -------------------------------------------------------------------------
     def _layout(self, adapter: str) -> CsrLayout:
-        idx = self.shira_indices[adapter]
-        key = (idx.data_ptr(), idx.device, idx._version)
+        """The kernels' view of the stored pattern (rebuilt only when the buffers change)."""
+        pattern = self.shira_indices.pattern(adapter)
+        key = pattern.stamp()
         cached = self._layouts.get(adapter)
         if cached is None or cached[0] != key:
-            cached = (key, build_csr_layout(idx, (self.out_features, self.in_features)))
+            cached = (key, pattern.layout())
             self._layouts[adapter] = cached
         return cached[1]
 
@@ -232,7 +228,7 @@ class ShiraLinear(nn.Module):
     def unfuse(self) -> None:
         """Put W0 back at the fused indices (bit-exact); the next fused forward re-writes them."""
         if self._fused.active:
-            self._fused.restore(self.base_layer.weight.data, self.shira_indices)
+            self._fused.restore(self.base_layer.weight.data, self._layout)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._disable_adapters:
@@ -243,7 +239,7 @@ class ShiraLinear(nn.Module):
         active = [n for n in self._active_adapters if n in self.shira_weight and n not in self.merged_adapters]
         if self._use_fused(active):
             if not self._fused.is_current(active, self.shira_weight, self.scaling):
-                self._fused.write(self.base_layer.weight.data, active, self.shira_indices, self.shira_weight,
+                self._fused.write(self.base_layer.weight.data, active, self._layout, self.shira_weight,
                                   self.scaling)
             y = self.base_layer(x)
             if torch.is_grad_enabled():
@@ -276,7 +272,7 @@ class ShiraLinear(nn.Module):
                 warnings.warn(f"{self.layer_name}: adapter {name!r} is already merged; nothing to do")
                 continue
             originals = scatter_merge_(
-                self.base_layer.weight.data, self.shira_indices[name], self.shira_weight[name],
+                self.base_layer.weight.data, self._layout(name), self.shira_weight[name],
                 self.scaling[name], check_finite=safe_merge,
             )
             self._merged_originals[name] = originals
@@ -289,7 +285,7 @@ class ShiraLinear(nn.Module):
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            scatter_restore_(self.base_layer.weight.data, self.shira_indices[name], self._merged_originals[name])
+            scatter_restore_(self.base_layer.weight.data, self._layout(name), self._merged_originals[name])
             del self._merged_originals[name]
 
     def extra_repr(self) -> str:
@@ -301,7 +297,7 @@ def _report_unfused_weight(module: ShiraLinear, state_dict: dict, prefix: str, l
     if module._fused.active:
         key = prefix + "base_layer.weight"
         if key in state_dict:
-            state_dict[key] = module._fused.unfused_copy(module.base_layer.weight.data, module.shira_indices)
+            state_dict[key] = module._fused.unfused_copy(module.base_layer.weight.data, module._layout)
 
 
 def _unfuse_before_load(module: ShiraLinear, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

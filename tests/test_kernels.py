@@ -81,12 +81,14 @@ def test_merge_matches_reference_and_restore_is_bit_exact(dtype):
     w = torch.randn(33, 17).to(dtype)
     w0 = w.clone()
     v = torch.randn(120)
-    originals = scatter_merge_(w, idx, v, 0.5)
+    layout = build_csr_layout(idx, (33, 17))
+    originals = scatter_merge_(w, layout, v, 0.5)
     torch.testing.assert_close(w, scatter_merge_reference(w0, idx, v, 0.5), atol=0, rtol=0)
+    torch.testing.assert_close(originals, w0[idx[0].long(), idx[1].long()], atol=0, rtol=0)  # stored order
     mask = torch.zeros(33, 17, dtype=torch.bool)
     mask[idx[0].long(), idx[1].long()] = True
     assert torch.equal(w[~mask], w0[~mask])  # only the nnz entries moved
-    scatter_restore_(w, idx, originals)
+    scatter_restore_(w, layout, originals)
     assert torch.equal(_bits(w), _bits(w0))
 
 
@@ -101,7 +103,7 @@ def test_safe_merge_leaves_weight_untouched_on_nonfinite():
     v = torch.zeros(20)
     v[3] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        scatter_merge_(w, idx, v, 1.0, check_finite=True)
+        scatter_merge_(w, build_csr_layout(idx, (10, 10)), v, 1.0, check_finite=True)
     assert torch.equal(w, w0)
 
 
@@ -132,9 +134,10 @@ def test_merge_on_non_contiguous_weight():
     w = storage.t()  # (12, 9) view, not contiguous
     w0 = w.clone()
     v = torch.randn(30)
-    orig = scatter_merge_(w, idx, v, 2.0)
+    layout = build_csr_layout(idx, (12, 9))
+    orig = scatter_merge_(w, layout, v, 2.0)
     torch.testing.assert_close(w, scatter_merge_reference(w0, idx, v, 2.0), atol=0, rtol=0)
-    scatter_restore_(w, idx, orig)
+    scatter_restore_(w, layout, orig)
     assert torch.equal(w, w0)
 
 
@@ -144,11 +147,12 @@ def test_rewrite_gives_the_bits_of_restore_then_merge(dtype):
     idx = _pattern(21, 19, 90, seed=9)
     w = torch.randn(21, 19).to(dtype)
     w0 = w.clone()
-    originals = scatter_merge_(w, idx, torch.randn(90), 0.3)
+    layout = build_csr_layout(idx, (21, 19))
+    originals = scatter_merge_(w, layout, torch.randn(90), 0.3)
     v2 = torch.randn(90)
-    scatter_rewrite_(w, idx, originals, v2, 0.3)
+    scatter_rewrite_(w, layout, originals, v2, 0.3)
     expected = w0.clone()
-    scatter_merge_(expected, idx, v2, 0.3)
+    scatter_merge_(expected, layout, v2, 0.3)
     assert torch.equal(_bits(w), _bits(expected))
     tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 0.0}[dtype]  # one rounding in >= fp32
     torch.testing.assert_close(w, scatter_merge_reference(w0, idx, v2, 0.3), atol=tol, rtol=tol)

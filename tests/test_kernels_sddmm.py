@@ -39,7 +39,7 @@ def test_sddmm_paths_match_dense_fp64(monkeypatch, choice, dtype, out_f, in_f, n
     layout = build_csr_layout(idx, (out_f, in_f))
     g = torch.Generator().manual_seed(T)
     gy, x = torch.randn(T, out_f, generator=g, dtype=dtype), torch.randn(T, in_f, generator=g, dtype=dtype)
-    assert cpu_sddmm.usable(x, layout.row) == (choice == "native")
+    assert cpu_sddmm.usable(x, layout.col) == (choice == "native")
     got = sddmm(gy, x, layout)
     ref = sddmm_reference(gy.double(), x.double(), idx)
     tol = 1e-12 if dtype == torch.float64 else 2e-5 * T**0.5
@@ -48,29 +48,37 @@ def test_sddmm_paths_match_dense_fp64(monkeypatch, choice, dtype, out_f, in_f, n
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_native_sddmm_any_thread_count(threads):
-    # Tokens are split into per-thread tile ranges (fp64, 3 threads: 128+128+44 tokens); sums must not change.
-    idx = _pattern(45, 38, 400, seed=11)
+@pytest.mark.parametrize("T", [300, 30])
+def test_native_kernels_any_thread_count(threads, T):
+    # fp64 tiles are 128 tokens here. T=300: per-thread token ranges (3 threads: 128+128+44 tokens);
+    # T=30: one tile, shared by the threads, which split S's rows (sddmm, forward product). Sums must not change.
+    idx = _pattern(45, 38, 400, seed=11, empty_rows=True)
+    layout = build_csr_layout(idx, (45, 38))
     g = torch.Generator().manual_seed(0)
-    gy, x = torch.randn(300, 45, generator=g, dtype=torch.float64), torch.randn(300, 38, generator=g, dtype=torch.float64)
+    gy, x = torch.randn(T, 45, generator=g, dtype=torch.float64), torch.randn(T, 38, generator=g, dtype=torch.float64)
+    v = torch.randn(400, generator=g, dtype=torch.float64)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    v = torch.randn(400, generator=g, dtype=torch.float64)
     try:
-        got = cpu_sddmm.sddmm(gy, x, idx[0].contiguous(), idx[1].contiguous())
-        y = cpu_sddmm.spmm(x, idx[1].contiguous(), idx[0].contiguous(), v, 45, 38)  # each thread its own rows
+        got = layout.from_rowmajor(cpu_sddmm.sddmm(gy, x, layout.crow, layout.col))
+        y = cpu_sddmm.spmm(x, layout.crow, layout.col, layout.rowmajor(v), 38)
+        gx = cpu_sddmm.spmm(gy, layout.crow, layout.col, layout.rowmajor(v), 38, transposed=True)
     finally:
         torch.set_num_threads(before)
+    dense = torch.zeros(45, 38, dtype=torch.float64)
+    dense[idx[0].long(), idx[1].long()] = v
     torch.testing.assert_close(got, sddmm_reference(gy, x, idx), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(y, delta_matmul_reference(x, idx, v, 1.0, (45, 38)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, x @ dense.t(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gy @ dense, rtol=1e-12, atol=1e-12)
 
 
 def test_native_sddmm_hand_set_entries():
     gy = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # (T=3, out=2)
     x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # (T=3, in=3)
-    rows, cols = torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([2, 0, 1], dtype=torch.int32)
+    # entries (0, 2), (1, 0), (1, 1): crow [0, 1, 3], col [2, 0, 1]
+    crow, col = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([2, 0, 1], dtype=torch.int32)
     # (gy^T x)[0,2] = 1*2+3*1+5*0 = 5; [1,0] = 2*1+4*0+6*1 = 8; [1,1] = 2*0+4*1+6*1 = 10
-    assert cpu_sddmm.sddmm(gy, x, rows, cols).tolist() == [5.0, 8.0, 10.0]
+    assert cpu_sddmm.sddmm(gy, x, crow, col).tolist() == [5.0, 8.0, 10.0]
 
 
 def test_fallback_without_compiler(monkeypatch, tmp_path):
@@ -83,11 +91,11 @@ def test_fallback_without_compiler(monkeypatch, tmp_path):
         idx = _pattern(20, 30, 100, seed=3)
         layout = build_csr_layout(idx, (20, 30))
         gy, x = torch.randn(9, 20, dtype=torch.float64), torch.randn(9, 30, dtype=torch.float64)
-        assert not cpu_sddmm.usable(x, layout.row)
+        assert not cpu_sddmm.usable(x, layout.col)
         torch.testing.assert_close(sddmm(gy, x, layout), sddmm_reference(gy, x, idx), rtol=1e-12, atol=1e-12)
         monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", "native")
         with pytest.raises(RuntimeError, match="SHIRA_DIST_CPU_SDDMM=native but the native SDDMM kernel did not"):
-            cpu_sddmm.usable(x, layout.row)
+            cpu_sddmm.usable(x, layout.col)
     finally:
         cpu_sddmm.library.cache_clear()
     monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", "fast")
@@ -122,19 +130,25 @@ def test_sparse_delta_products_match_dense_fp64(monkeypatch, choice, dtype, out_
 
 
 def test_native_spmm_hand_set_entries():
-    inp = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # (T=2, n_src=3)
-    src, dst = torch.tensor([2, 0, 1], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32)
+    # S (2, 3): S[0, 2] = 10, S[1, 0] = 1, S[1, 1] = -1
+    crow, col = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([2, 0, 1], dtype=torch.int32)
     v = torch.tensor([10.0, 1.0, -1.0])
-    # out[t, 0] = 10*inp[t, 2]; out[t, 1] = inp[t, 0] - inp[t, 1]
-    assert cpu_sddmm.spmm(inp, src, dst, v, 2, 3).tolist() == [[30.0, -1.0], [60.0, -1.0]]
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # (T=2, 3)
+    # (x @ S^T)[t, 0] = 10*x[t, 2]; [t, 1] = x[t, 0] - x[t, 1]
+    assert cpu_sddmm.spmm(x, crow, col, v, 3).tolist() == [[30.0, -1.0], [60.0, -1.0]]
+    gy = torch.tensor([[1.0, 2.0]])  # (T=1, 2): (gy @ S) = [2*1, 2*(-1), 1*10]
+    assert cpu_sddmm.spmm(gy, crow, col, v, 3, transposed=True).tolist() == [[2.0, -2.0, 10.0]]
+    with pytest.raises(ValueError, match="input has 2 features, the pattern \\(2, 3\\) needs 3"):
+        cpu_sddmm.spmm(gy, crow, col, v, 3)
 
 
 def test_sorted_int32_layout_adds_no_per_entry_memory(monkeypatch):
     idx = _pattern(40, 30, 200, seed=5)  # row-major sorted, int32: the usual stored form
     layout = build_csr_layout(idx, (40, 30))
     assert layout.order is None
-    assert layout.row.data_ptr() == idx[0].data_ptr() and layout.col.data_ptr() == idx[1].data_ptr()
+    assert layout.col.data_ptr() == idx[1].data_ptr()  # a view; rows are implied by crow
     assert layout.crow.dtype == torch.int32 and layout.crow.shape == (41,)
+    assert torch.equal(layout.rows(), idx[0]) and torch.equal(layout.indices(), idx)
     assert layout._t is None  # the CSR of S^T waits for an unfused torch.sparse backward that needs grad_x
     monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", "torch")
     v = torch.randn(200)
@@ -145,7 +159,6 @@ def test_sorted_int32_layout_adds_no_per_entry_memory(monkeypatch):
     assert lt.shape == (30, 40) and lt.col.dtype == lt.order.dtype == lt.crow.dtype == torch.int32
     dense = torch.zeros(40, 30)
     dense[idx[0].long(), idx[1].long()] = v
-    assert lt.row is None  # S^T keeps crow, col and order only: 8 bytes per entry
     rows_t = torch.repeat_interleave(torch.arange(30), lt.crow.diff().long())
     assert torch.equal(lt.rowmajor(v), dense.t()[rows_t, lt.col.long()])
     assert torch.equal(lt.crow.diff(), (dense.t() != 0).sum(1).to(torch.int32))
@@ -157,12 +170,14 @@ def test_shuffled_layout_round_trips_values():
     assert layout.order is not None and layout.order.dtype == layout.col.dtype == torch.int32
     v = torch.randn(150)
     rm = layout.rowmajor(v)
-    key = layout.row.long() * 16 + layout.col.long()
+    rows = layout.rows()
+    key = rows.long() * 16 + layout.col.long()
     assert bool((key[1:] > key[:-1]).all())  # row-major
     dense = torch.zeros(25, 16)
     dense[idx[0].long(), idx[1].long()] = v
-    assert torch.equal(rm, dense[layout.row.long(), layout.col.long()])
+    assert torch.equal(rm, dense[rows.long(), layout.col.long()])
     assert torch.equal(layout.from_rowmajor(rm), v)
+    assert torch.equal(layout.indices(), idx.to(torch.int32))  # PEFT's form, in the stored order
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -177,13 +192,14 @@ def test_native_scatter_writes_the_bits_of_the_torch_path(monkeypatch, dtype, sh
     results = {}
     for choice in ("native", "torch"):
         monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", choice)
-        assert cpu_sddmm.scatter_usable(w0, idx) == (choice == "native")
+        layout = build_csr_layout(idx, (37, 29))
+        assert cpu_sddmm.scatter_usable(w0, layout.col) == (choice == "native")
         w = w0.clone()
-        saved = scatter_merge_(w, idx, v, 0.3)
+        saved = scatter_merge_(w, layout, v, 0.3)
         merged = w.clone()
-        scatter_rewrite_(w, idx, saved, v2, 0.3)
+        scatter_rewrite_(w, layout, saved, v2, 0.3)
         rewritten = w.clone()
-        scatter_restore_(w, idx, saved)
+        scatter_restore_(w, layout, saved)
         assert torch.equal(w, w0)  # restore is exact
         results[choice] = (saved, merged, rewritten)
     for a, b in zip(results["native"], results["torch"]):
@@ -201,6 +217,6 @@ def test_forced_triton_backend_takes_precedence_over_the_native_kernels(monkeypa
     idx = _pattern(12, 10, 30, seed=2)
     w, x = torch.randn(12, 10), torch.randn(4, 10)
     layout = build_csr_layout(idx, (12, 10))
-    assert merge._native(w, idx) and sparse_delta._native(x, layout)
+    assert merge._native(w, layout) and sparse_delta._native(x, layout)
     monkeypatch.setenv("SHIRA_DIST_KERNEL_BACKEND", "triton")  # the CUDA path, interpreted in CI
-    assert not merge._native(w, idx) and not sparse_delta._native(x, layout)
+    assert not merge._native(w, layout) and not sparse_delta._native(x, layout)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from shira_dist.kernels import build_csr_layout, flat_index, scatter_merge_reference
+from shira_dist.kernels import build_csr_layout, scatter_merge_reference
 from shira_dist.masks import sample_distinct
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "conftest must enable Triton's interpreter before import"
@@ -29,10 +29,11 @@ def test_scatter_merge_and_exact_restore(out_f, in_f, nnz):
     w = torch.randn(out_f, in_f)
     w0 = w.clone()
     v = torch.randn(nnz)
-    orig = tk.scatter_merge(w, flat_index(idx, in_f), v, 0.5, block=16)
+    flat = idx[0] * in_f + idx[1]  # any order: the kernel takes flat positions
+    orig = tk.scatter_merge(w, flat, v, 0.5, block=16)
     torch.testing.assert_close(w, scatter_merge_reference(w0, idx, v, 0.5), atol=1e-6, rtol=0)
     torch.testing.assert_close(orig, w0[idx[0], idx[1]], atol=0, rtol=0)
-    tk.scatter_restore(w, flat_index(idx, in_f), orig, block=16)
+    tk.scatter_restore(w, flat, orig, block=16)
     assert torch.equal(w.view(torch.int32), w0.view(torch.int32))
 
 
@@ -83,10 +84,11 @@ def test_public_functions_dispatch_to_triton(monkeypatch):
     torch.testing.assert_close(v.grad, vr.grad, atol=1e-5, rtol=1e-5)
     w = torch.randn(24, 20)
     w0 = w.clone()
-    orig = scatter_merge_(w, idx, v.detach(), 0.5)
+    orig = scatter_merge_(w, layout, v.detach(), 0.5)
     torch.testing.assert_close(w, scatter_merge_reference(w0, idx, v.detach(), 0.5), atol=1e-6, rtol=0)
-    scatter_restore_(w, idx, orig)
+    torch.testing.assert_close(orig, w0[idx[0].long(), idx[1].long()], atol=0, rtol=0)  # stored order
+    scatter_restore_(w, layout, orig)
     assert torch.equal(w, w0)
     monkeypatch.setenv("SHIRA_DIST_KERNEL_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="SHIRA_DIST_KERNEL_BACKEND='cuda-please' is invalid"):
-        scatter_merge_(w, idx, v.detach(), 0.5)
+        scatter_merge_(w, layout, v.detach(), 0.5)

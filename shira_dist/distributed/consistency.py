@@ -95,15 +95,15 @@ def check_adapters_consistent(model: nn.Module, values: bool = False,
                                 f"tensors differ): {hint}")
 
 
-def _broadcast_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+def _broadcast_values(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Every adapter's values, then modules_to_save copies (whole tensors: before sharding)."""
     shira = unwrap_shira_model(model)
     for path, layer in shira.shira_layers():
-        for adapter, idx in layer.shira_indices.items():
-            values = layer.shira_weight[adapter]
-            if type(values) not in (Tensor, nn.Parameter) or values.numel() != idx.shape[1]:
+        for adapter, values in layer.shira_weight.items():
+            nnz = layer.shira_indices.pattern(adapter).nnz
+            if type(values) not in (Tensor, nn.Parameter) or values.numel() != nnz:
                 raise RuntimeError(f"{path}: adapter {adapter!r} values are sharded ({type(values).__name__}, "
-                                   f"{values.numel()} of {idx.shape[1]}); call broadcast_adapters before sharding")
-            yield f"{path}.shira_indices[{adapter!r}]", idx
+                                   f"{values.numel()} of {nnz}); call broadcast_adapters before sharding")
             yield f"{path}.shira_weight[{adapter!r}]", values.data
     for path, module in shira.named_modules():
         if isinstance(module, ModulesToSave):
@@ -121,7 +121,12 @@ def broadcast_adapters(model: nn.Module, src: int = 0, group: Optional[dist.Proc
     if rank_and_world(group)[1] == 1:
         return
     device = _comm_device(group)
-    for _, t in _broadcast_tensors(model):
+    values = list(_broadcast_values(model))  # checks for sharded values before any collective
+    for _, layer in unwrap_shira_model(model).shira_layers():
+        layer.unfuse()
+        for adapter in layer.shira_weight:
+            layer.shira_indices.pattern(adapter).broadcast_(src, group, device)
+    for _, t in values:
         buf = t if t.device == device else t.to(device)
         dist.broadcast(buf, src=src, group=group)
         if buf is not t:

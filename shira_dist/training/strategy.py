@@ -136,6 +136,10 @@ class DdpStrategy(SingleStrategy):
         from torch.nn.parallel import DistributedDataParallel
 
         with torch.no_grad():
+            for _, layer in model.shira_layers():
+                layer.unfuse()
+                for adapter in layer.shira_weight:
+                    layer.shira_indices.pattern(adapter).broadcast_(src=0, device=self.device)
             for tensor in self._adapter_tensors(model):
                 dist.broadcast(tensor.data, src=0)
         super().setup(model, make_optimizer)
@@ -145,11 +149,12 @@ class DdpStrategy(SingleStrategy):
 
     @staticmethod
     def _adapter_tensors(model: ShiraModel) -> list[Tensor]:
-        """SHiRA indices and values of every adapter, then other trainable tensors (same order on every rank)."""
+        """SHiRA pattern buffers and values of every adapter, then other trainable tensors (same order on
+        every rank; the patterns' shapes agree once rank 0's are broadcast)."""
         out: list[Tensor] = []
         for _, layer in model.shira_layers():
             for adapter in layer.shira_weight:
-                out += [layer.shira_indices[adapter], layer.shira_weight[adapter]]
+                out += [*layer.shira_indices.pattern(adapter).tensors(), layer.shira_weight[adapter]]
         seen = {id(t) for t in out}
         out += [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
         return out
