@@ -155,6 +155,12 @@ def worker(args) -> None:
     from shira_dist.distributed import count_collectives, data_parallel_slice, trainable_bytes
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    # Every method's process loads the same libraries before building the model, so RSS compares
+    # the methods, not their imports: importing peft alone adds ~130 MB of resident pages here,
+    # and imported after the model is built it lands in heap the model's construction had freed.
+    import peft  # noqa: F401
+    import shira_dist  # noqa: F401
+
     model = _build(args, args.method)
     adapter_bytes = trainable_bytes(model)
     built_rss = RssSampler.rss()

@@ -1,8 +1,9 @@
 // Native CPU kernels for SHiRA's sparse math (built and loaded by cpu_sddmm.py through ctypes).
 //
-// A pattern S (n_rows, n_cols) is given in CSR form: crow (n_rows+1), col (nnz), entries in
-// row-major order; values and results (nnz,) are in that order. No per-entry row array is
-// needed anywhere (the layer stores only crow and col: 4 bytes per entry).
+// A pattern S (n_rows, n_cols) is given in CSR form: crow (n_rows+1) int32, col (nnz) int16
+// or int32, entries in row-major order; values and results (nnz,) are in that order. No
+// per-entry row array is needed anywhere (the layer stores only crow and col: 2 bytes per
+// entry when n_cols < 2^15, else 4).
 //
 //   sddmm    out[k] = sum_t gy[t, r(k)] * x[t, col[k]]             gy: (T, n_rows), x: (T, n_cols)
 //   spmm     out[t, r] = sum_{k in row r} v[k] * in[t, col[k]]     x @ S^T   (forward)
@@ -96,8 +97,8 @@ inline void row_share(const int32_t* crow, int64_t n_rows, int64_t i, int64_t nt
   *hi = std::max(*lo, *hi);
 }
 
-// TB tokens per tile (a multiple of 16).
-template <typename S, int64_t TB>
+// TB tokens per tile (a multiple of 16); I: the column index type (int16 or int32).
+template <typename S, typename I, int64_t TB>
 struct Tile {
   // dst[c * TB + j] = src[j * ld + c] for j < tb, 0 for tb <= j < TB; c < n.
   static void transpose(const S* src, int64_t ld, int64_t n, int64_t tb, S* dst) {
@@ -117,7 +118,7 @@ struct Tile {
   }
 
   // acc[k] += gyt[r] . xt[col[k]] for the entries k of rows [r0, r1)
-  static void dots(const S* gyt, const S* xt, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
+  static void dots(const S* gyt, const S* xt, const int32_t* crow, const I* col, int64_t r0, int64_t r1,
                    S* acc) {
     for (int64_t r = r0; r < r1; ++r) {
       const S* a = gyt + r * TB;
@@ -152,7 +153,7 @@ struct Tile {
   // ot[r] = sum_{k in row r} v[k] * it[col[k]] for rows [r0, r1): one axpy per entry, in one
   // flat loop over the entries (the row advances with crow). Written as a loop nest (per row,
   // then its entries, even summing in registers) GCC's code was 2-3x slower here.
-  static void gather_rows(const S* it, const int32_t* crow, const int32_t* col, const S* v, int64_t r0,
+  static void gather_rows(const S* it, const int32_t* crow, const I* col, const S* v, int64_t r0,
                           int64_t r1, S* ot) {
     std::fill(ot + r0 * TB, ot + r1 * TB, S(0));
     int64_t r = r0;
@@ -167,7 +168,7 @@ struct Tile {
   }
 
   // ot[col[k]] += v[k] * it[r] for the entries k of rows [r0, r1) (S^T's product from S's rows)
-  static void scatter_rows(const S* it, const int32_t* crow, const int32_t* col, const S* v, int64_t r0,
+  static void scatter_rows(const S* it, const int32_t* crow, const I* col, const S* v, int64_t r0,
                            int64_t r1, S* ot) {
     for (int64_t r = r0; r < r1; ++r) {
       const S* a = it + r * TB;
@@ -181,7 +182,7 @@ struct Tile {
   }
 
   // Tokens [t0, t1) of the product, one thread: in (T, n_in) -> out (T, n_out).
-  static void spmm_range(const S* in, const int32_t* crow, const int32_t* col, const S* v, int64_t n_rows,
+  static void spmm_range(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows,
                          bool transposed, int64_t n_in, int64_t n_out, int64_t t0, int64_t t1, S* out) {
     std::vector<S> it(n_in * TB), ot(n_out * TB);
     for (int64_t ts = t0; ts < t1; ts += TB) {
@@ -198,7 +199,7 @@ struct Tile {
   }
 
   // The forward product with the threads sharing each tile, split by rows of S.
-  static void gather_shared(const S* in, const int32_t* crow, const int32_t* col, const S* v, int64_t n_rows,
+  static void gather_shared(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows,
                             int64_t n_cols, int64_t T, int64_t p, S* out) {
     std::vector<S> it(n_cols * TB), ot(n_rows * TB);
 #pragma omp parallel num_threads(p)
@@ -215,7 +216,7 @@ struct Tile {
     }
   }
 
-  static void spmm(const S* in, const int32_t* crow, const int32_t* col, const S* v, int64_t n_rows, int64_t n_cols,
+  static void spmm(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows, int64_t n_cols,
                    bool transposed, int64_t T, int64_t n_threads, S* out) {
     const int64_t n_tiles = (T + TB - 1) / TB;
     if (!transposed && n_tiles >= 1 && n_tiles < n_threads) {
@@ -232,7 +233,7 @@ struct Tile {
   }
 
   // acc (nnz,) = the sum over tokens [t0, t1), one thread
-  static void sddmm_range(const S* gy, const S* x, const int32_t* crow, const int32_t* col, int64_t n_rows,
+  static void sddmm_range(const S* gy, const S* x, const int32_t* crow, const I* col, int64_t n_rows,
                           int64_t n_cols, int64_t t0, int64_t t1, S* acc) {
     std::vector<S> gyt(n_rows * TB), xt(n_cols * TB);
     std::fill(acc, acc + crow[n_rows], S(0));
@@ -245,7 +246,7 @@ struct Tile {
   }
 
   // The SDDMM with the threads sharing each tile, each summing the entries of its rows of S.
-  static void sddmm_shared(const S* gy, const S* x, const int32_t* crow, const int32_t* col, int64_t n_rows,
+  static void sddmm_shared(const S* gy, const S* x, const int32_t* crow, const I* col, int64_t n_rows,
                            int64_t n_cols, int64_t T, int64_t p, S* out) {
     std::vector<S> gyt(n_rows * TB), xt(n_cols * TB);
     std::fill(out, out + crow[n_rows], S(0));
@@ -263,7 +264,7 @@ struct Tile {
     }
   }
 
-  static void sddmm(const S* gy, const S* x, const int32_t* crow, const int32_t* col, int64_t n_rows,
+  static void sddmm(const S* gy, const S* x, const int32_t* crow, const I* col, int64_t n_rows,
                     int64_t n_cols, int64_t T, int64_t n_threads, S* out) {
     const int64_t n_tiles = (T + TB - 1) / TB;
     if (n_tiles >= 1 && n_tiles < n_threads) {
@@ -284,20 +285,25 @@ struct Tile {
   }
 };
 
-// Calls fn(Tile<S, TB>{}) with tile rows of 1 KB when an (n_cols, TB) tile (the one read or
-// written at random) then stays <= ~1.25 MB, else 512 B, else 256 B; and no longer than the
-// batch needs (the loops always run TB tokens: a 1 KB tile for 64 tokens would do 4x the work).
-template <typename S, typename Fn>
-void with_tile(int64_t n_cols, int64_t T, Fn&& fn) {
+// Calls fn(Tile<S, I, TB>{}) with tile rows of 1 KB, 512 B or 256 B: the longest that keeps
+//   - the (n_cols, TB) tile (read or written at random) within about 1.25 MB of L2,
+//   - both tiles of a call, (n_rows + n_cols) x TB, within 512 KB (they are allocated per call and
+//     thread, at the backward's memory peak; 256 B rows measured as fast as 1 KB rows),
+//   - TB no longer than the batch needs (the loops always run TB tokens).
+template <typename S, typename I, typename Fn>
+void with_tile(int64_t n_rows, int64_t n_cols, int64_t T, Fn&& fn) {
   constexpr int64_t row_bytes[3] = {1024, 512, 256};
+  constexpr int64_t tile_budget = 1 << 19;
   int level = n_cols <= 1280 ? 0 : n_cols <= 2816 ? 1 : 2;
-  while (level < 2 && T * int64_t(sizeof(S)) <= row_bytes[level + 1]) ++level;
+  while (level < 2 && (T * int64_t(sizeof(S)) <= row_bytes[level + 1] ||
+                       (n_rows + n_cols) * row_bytes[level] > tile_budget))
+    ++level;
   if (level == 0)
-    fn(Tile<S, 1024 / sizeof(S)>{});
+    fn(Tile<S, I, 1024 / sizeof(S)>{});
   else if (level == 1)
-    fn(Tile<S, 512 / sizeof(S)>{});
+    fn(Tile<S, I, 512 / sizeof(S)>{});
   else
-    fn(Tile<S, 256 / sizeof(S)>{});
+    fn(Tile<S, I, 256 / sizeof(S)>{});
 }
 
 // At SHiRA's entries of a row-major (n_rows, n_cols) weight w, k < nnz in row-major order:
@@ -306,8 +312,8 @@ void with_tile(int64_t n_cols, int64_t T, Fn&& fn) {
 //   mode 2 restore  w[r, col[k]] = saved[k]                      (bit-exact)
 // Entries are distinct, so threads split rows freely. No fused multiply-add: the product is
 // rounded, then the sum, as torch's merge does, so both paths write the same bits.
-template <typename S>
-__attribute__((optimize("fp-contract=off"))) void scatter(S* w, const int32_t* crow, const int32_t* col,
+template <typename S, typename I>
+__attribute__((optimize("fp-contract=off"))) void scatter(S* w, const int32_t* crow, const I* col,
                                                           int64_t n_rows, int64_t n_cols, const S* v, S scale,
                                                           S* saved, int64_t mode, int64_t n_threads) {
 #pragma omp parallel for num_threads(std::max<int64_t>(1, n_threads)) schedule(static)
@@ -322,23 +328,28 @@ __attribute__((optimize("fp-contract=off"))) void scatter(S* w, const int32_t* c
 
 }  // namespace
 
+// Exported as shira_<kernel>_<f32|f64>_<i16|i32>: value type, column index type.
 extern "C" {
-#define SHIRA_EXPORT(S, SUFFIX)                                                                                    \
-  void shira_sddmm_##SUFFIX(const S* gy, const S* x, const int32_t* crow, const int32_t* col, int64_t n_rows,      \
+#define SHIRA_EXPORT(S, I, SUFFIX)                                                                                 \
+  void shira_sddmm_##SUFFIX(const S* gy, const S* x, const int32_t* crow, const I* col, int64_t n_rows,            \
                             int64_t n_cols, int64_t T, int64_t n_threads, S* out) {                              \
-    with_tile<S>(n_cols, T, [&](auto tile) { decltype(tile)::sddmm(gy, x, crow, col, n_rows, n_cols, T, n_threads, out); }); \
+    with_tile<S, I>(n_rows, n_cols, T, [&](auto tile) {                                                                    \
+      decltype(tile)::sddmm(gy, x, crow, col, n_rows, n_cols, T, n_threads, out);                                 \
+    });                                                                                                            \
   }                                                                                                                \
-  void shira_spmm_##SUFFIX(const S* in, const int32_t* crow, const int32_t* col, const S* v, int64_t n_rows,       \
+  void shira_spmm_##SUFFIX(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows,             \
                            int64_t n_cols, int64_t transposed, int64_t T, int64_t n_threads, S* out) {           \
-    with_tile<S>(n_cols, T, [&](auto tile) {                                                                       \
+    with_tile<S, I>(n_rows, n_cols, T, [&](auto tile) {                                                                    \
       decltype(tile)::spmm(in, crow, col, v, n_rows, n_cols, transposed != 0, T, n_threads, out);                 \
     });                                                                                                            \
   }                                                                                                                \
-  void shira_scatter_##SUFFIX(S* w, const int32_t* crow, const int32_t* col, int64_t n_rows, int64_t n_cols,      \
+  void shira_scatter_##SUFFIX(S* w, const int32_t* crow, const I* col, int64_t n_rows, int64_t n_cols,            \
                               const S* v, double scale, S* saved, int64_t mode, int64_t n_threads) {             \
-    scatter<S>(w, crow, col, n_rows, n_cols, v, S(scale), saved, mode, n_threads);                                \
+    scatter<S, I>(w, crow, col, n_rows, n_cols, v, S(scale), saved, mode, n_threads);                             \
   }
-SHIRA_EXPORT(float, f32)
-SHIRA_EXPORT(double, f64)
+SHIRA_EXPORT(float, int32_t, f32_i32)
+SHIRA_EXPORT(double, int32_t, f64_i32)
+SHIRA_EXPORT(float, int16_t, f32_i16)
+SHIRA_EXPORT(double, int16_t, f64_i16)
 #undef SHIRA_EXPORT
 }

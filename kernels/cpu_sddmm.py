@@ -1,7 +1,7 @@
 """The native CPU kernels (cpu_sddmm.cpp): built once with the system C++ compiler, called via ctypes.
 
-A pattern S (out, in) comes as CSR (``crow`` (out+1,), ``col`` (nnz,) int32, row-major), with
-r(k) the row of entry k; values and results are (nnz,) in row-major order:
+A pattern S (out, in) comes as CSR (``crow`` (out+1,) int32, ``col`` (nnz,) int16 or int32,
+row-major), with r(k) the row of entry k; values and results are (nnz,) in row-major order:
 
     sddmm     out[k] = Σ_t grad_y[t, r(k)] · x[t, col[k]]          grad_y: (T, out), x: (T, in)
     spmm      x @ S^T (forward) and, ``transposed``, grad_y @ S (grad_x)
@@ -49,9 +49,15 @@ _SOURCE = Path(__file__).with_name("cpu_sddmm.cpp")
 # made the kernel ~1.3-1.8x slower. The sums' order is arbitrary anyway (tiles, threads).
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
           "-std=c++17", "-shared", "-fPIC"]
-_FUNCS = {torch.float32: "shira_sddmm_f32", torch.float64: "shira_sddmm_f64"}
-_SPMM_FUNCS = {torch.float32: "shira_spmm_f32", torch.float64: "shira_spmm_f64"}
-_SCATTER_FUNCS = {torch.float32: "shira_scatter_f32", torch.float64: "shira_scatter_f64"}
+_VALUE_TYPES = {torch.float32: "f32", torch.float64: "f64"}
+_INDEX_TYPES = {torch.int16: "i16", torch.int32: "i32"}  # column indices; crow is always int32
+_KERNELS = ("sddmm", "spmm", "scatter")
+
+
+def _func(lib: ctypes.CDLL, kernel: str, values: torch.dtype, col: torch.dtype):
+    return getattr(lib, f"shira_{kernel}_{_VALUE_TYPES[values]}_{_INDEX_TYPES[col]}")
+
+
 SCATTER_MODES = {"merge": 0, "rewrite": 1, "restore": 2}
 
 
@@ -63,8 +69,8 @@ def choice() -> str:
 
 
 def usable(x: Tensor, col: Tensor) -> bool:
-    """Whether the kernels take these inputs (CPU, fp32/fp64, int32 pattern) and are chosen."""
-    if x.device.type != "cpu" or x.dtype not in _FUNCS or col.dtype != torch.int32:
+    """Whether the kernels take these inputs (CPU, fp32/fp64, int16/int32 columns) and are chosen."""
+    if x.device.type != "cpu" or x.dtype not in _VALUE_TYPES or col.dtype not in _INDEX_TYPES:
         return False
     want = choice()
     if want == "torch":
@@ -113,13 +119,13 @@ def library() -> Optional[ctypes.CDLL]:
                       f"(slower): {detail[-2000:]}")
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    signatures = ((_FUNCS, [ptr] * 4 + [i64] * 4 + [ptr]),
-                  (_SPMM_FUNCS, [ptr] * 4 + [i64] * 5 + [ptr]),
-                  (_SCATTER_FUNCS, [ptr] * 3 + [i64] * 2 + [ptr, ctypes.c_double, ptr] + [i64] * 2))
-    for funcs, argtypes in signatures:
-        for name in funcs.values():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
+    argtypes = {"sddmm": [ptr] * 4 + [i64] * 4 + [ptr], "spmm": [ptr] * 4 + [i64] * 5 + [ptr],
+                "scatter": [ptr] * 3 + [i64] * 2 + [ptr, ctypes.c_double, ptr] + [i64] * 2}
+    for kernel in _KERNELS:
+        for values in _VALUE_TYPES:
+            for col in _INDEX_TYPES:
+                fn = _func(lib, kernel, values, col)
+                fn.argtypes, fn.restype = argtypes[kernel], None
     return lib
 
 
@@ -145,15 +151,16 @@ def _lib() -> ctypes.CDLL:
 
 
 def _pattern(crow: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
-    if crow.dtype != torch.int32 or col.dtype != torch.int32 or crow.device.type != "cpu" or col.device.type != "cpu":
-        raise ValueError(f"the native kernels take int32 CPU crow/col, got {crow.dtype} on {crow.device.type}, "
-                         f"{col.dtype} on {col.device.type}")
+    if (crow.dtype != torch.int32 or col.dtype not in _INDEX_TYPES or crow.device.type != "cpu"
+            or col.device.type != "cpu"):
+        raise ValueError(f"the native kernels take an int32 crow and an int16/int32 col on the CPU, got "
+                         f"{crow.dtype} on {crow.device.type}, {col.dtype} on {col.device.type}")
     return crow.contiguous(), col.contiguous()
 
 
 def scatter_usable(weight: Tensor, col: Tensor) -> bool:
     """Whether :func:`scatter_` takes this weight (CPU, fp32/fp64, contiguous) and pattern (int32, CPU)."""
-    return (weight.device.type == "cpu" and weight.dtype in _SCATTER_FUNCS and weight.is_contiguous()
+    return (weight.device.type == "cpu" and weight.dtype in _VALUE_TYPES and weight.is_contiguous()
             and col.device.type == "cpu" and usable(weight, col))
 
 
@@ -173,7 +180,7 @@ def scatter_(weight: Tensor, crow: Tensor, col: Tensor, mode: str, saved: Tensor
                          f"{tuple(saved.shape)} {saved.dtype}")
     if mode != "restore":
         values = values.detach().to(weight.dtype).contiguous()
-    getattr(_lib(), _SCATTER_FUNCS[weight.dtype])(
+    _func(_lib(), "scatter", weight.dtype, col.dtype)(
         weight.data_ptr(), crow.data_ptr(), col.data_ptr(), weight.shape[0], weight.shape[1],
         None if values is None else values.data_ptr(), float(scale), saved.data_ptr(), SCATTER_MODES[mode],
         torch.get_num_threads())
@@ -191,7 +198,7 @@ def sddmm(grad_y: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
         raise ValueError(f"sddmm: crow has {crow.numel()} offsets for grad_y with {grad_y.shape[1]} features")
     grad_y, x = grad_y.contiguous(), x.contiguous()
     out = torch.empty(col.numel(), dtype=x.dtype)
-    getattr(_lib(), _FUNCS[x.dtype])(grad_y.data_ptr(), x.data_ptr(), crow.data_ptr(), col.data_ptr(),
+    _func(_lib(), "sddmm", x.dtype, col.dtype)(grad_y.data_ptr(), x.data_ptr(), crow.data_ptr(), col.data_ptr(),
                                      grad_y.shape[1], x.shape[1], x.shape[0], torch.get_num_threads(), out.data_ptr())
     return out
 
@@ -214,7 +221,7 @@ def spmm(inp: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_cols: int, tr
         raise ValueError(f"spmm: input has {inp.shape[1]} features, the pattern ({n_rows}, {n_cols}) needs {width}")
     inp, values = inp.contiguous(), values.contiguous()
     out = torch.empty(inp.shape[0], n_cols if transposed else n_rows, dtype=inp.dtype)
-    getattr(_lib(), _SPMM_FUNCS[inp.dtype])(inp.data_ptr(), crow.data_ptr(), col.data_ptr(), values.data_ptr(),
+    _func(_lib(), "spmm", inp.dtype, col.dtype)(inp.data_ptr(), crow.data_ptr(), col.data_ptr(), values.data_ptr(),
                                             n_rows, n_cols, int(transposed), inp.shape[0], torch.get_num_threads(),
                                             out.data_ptr())
     return out

@@ -63,7 +63,7 @@ def row_ids(crow: Tensor) -> Tensor:
 
 def expand_indices(crow: Tensor, col: Tensor, order: Optional[Tensor]) -> Tensor:
     """Inverse of :func:`compress_indices`: (2, nnz) indices in the stored order (a new tensor)."""
-    rowmajor = torch.stack([row_ids(crow), col])
+    rowmajor = torch.stack([row_ids(crow), col.to(crow.dtype)])
     if order is None:
         return rowmajor
     out = torch.empty_like(rowmajor)
@@ -82,8 +82,9 @@ class CsrLayout:
 
     crow: (n_rows+1,), col: (nnz,) column of each entry in row-major order, order: (nnz,) with
     ``values_rowmajor = values[order]``, or None when the stored order already is row-major.
-    All int32 (int64 only for > 2^31 entries or features). Rows of entries are not stored
-    (:meth:`rows` computes them for the paths that want them).
+    int32 (int64 only for > 2^31 entries or features); ``col`` may be int16 (a layer's stored
+    pattern when n_cols <= 2^15). Rows of entries are not stored (:meth:`rows` computes them
+    for the paths that want them).
     """
 
     shape: tuple[int, int]
@@ -124,8 +125,8 @@ class CsrLayout:
             row = self.rows()
             perm = torch.argsort(self.col.long() * n_rows + row.long())  # row-major of S -> of S^T
             order = perm if self.order is None else self.order[perm]
-            dt = self.col.dtype
-            self._t = CsrLayout((n_cols, n_rows), _crow(self.col[perm], n_cols, dt), row[perm], order.to(dt))
+            dt = self.crow.dtype
+            self._t = CsrLayout((n_cols, n_rows), _crow(self.col[perm].long(), n_cols, dt), row[perm], order.to(dt))
         return self._t
 
 

@@ -41,7 +41,8 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def _csr(crow: Tensor, col: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
-    return torch.sparse_csr_tensor(crow, col, vals, shape, check_invariants=False)
+    """torch's CSR tensor (its crow and col share one dtype: an int16 col is widened, a copy)."""
+    return torch.sparse_csr_tensor(crow, col.to(crow.dtype), vals, shape, check_invariants=False)
 
 
 def _spmm_t(x2d: Tensor, crow: Tensor, col: Tensor, vals_rowmajor: Tensor, n_rows: int, n_cols: int) -> Tensor:

@@ -15,7 +15,7 @@ Two execution modes give the same results (see ``set_fuse_mode``):
 
 Merging writes ``W0[idx] + scale·values`` into the base weight at the indices only and
 keeps ``W0[idx]``, so unmerging restores the weight bit-exactly. State is registered:
-values are parameters, patterns are buffers (CSR, 4 bytes per entry; read and saved as
+values are parameters, patterns are buffers (CSR, 2 bytes per entry; read and saved as
 PEFT's (2, nnz) indices, see patterns.py), so ``state_dict()`` and ``.to()`` see them.
 """
 

@@ -4,10 +4,10 @@ PEFT keeps ``shira_indices[name]`` = (2, nnz) int32 indices (row 0 = output inde
 input index): 8 bytes per entry, on every rank. A layer here registers, per adapter,
 
     crow  (out+1,) int32   where each row's entries start
-    col   (nnz,)   int32   their columns, row-major
+    col   (nnz,)   int16   their columns, row-major (int32 for weights with in >= 2^15)
     order (nnz,)   int32   only when the given indices were not row-major (values_rowmajor = values[order])
 
-i.e. 4 bytes per entry (masks are generated row-major, so ``order`` is normally absent), and
+i.e. 2 bytes per entry (masks are generated row-major, so ``order`` is normally absent), and
 the kernels use these buffers directly as their :class:`~shira_dist.kernels.CsrLayout`.
 PEFT's form appears wherever a user or a file sees indices: ``layer.shira_indices[name]`` is
 a fresh (2, nnz) tensor in the stored order, ``state_dict()`` holds it under
@@ -24,6 +24,14 @@ from torch import Tensor, nn
 
 from .kernels import CsrLayout, compress_indices, csr_layout, expand_indices
 from .masks import validate_indices
+
+
+_INT16_LIMIT = 2**15  # columns below this fit an int16
+
+
+def _own(t: Tensor) -> Tensor:
+    """``t`` itself if it owns exactly its storage, else a compact copy."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 class SparsePattern(nn.Module):
@@ -47,9 +55,10 @@ class SparsePattern(nn.Module):
         except ValueError as e:
             raise ValueError(f"shira_indices for {self.where}: {e}") from None
         device = self.col.device if "col" in self._buffers else indices.device
-        self.register_buffer("crow", crow.to(device))
-        self.register_buffer("col", col.to(device))
-        self.register_buffer("order", None if order is None else order.to(device))
+        col = col.to(device=device, dtype=torch.int16 if self.shape[1] <= _INT16_LIMIT else col.dtype)
+        self.register_buffer("crow", _own(crow.to(device)))
+        self.register_buffer("col", _own(col))  # not a view keeping all of ``indices`` alive
+        self.register_buffer("order", None if order is None else _own(order.to(device)))
 
     def indices(self) -> Tensor:
         """(2, nnz) int indices in the stored order (a new tensor)."""

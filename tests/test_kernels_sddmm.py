@@ -49,11 +49,13 @@ def test_sddmm_paths_match_dense_fp64(monkeypatch, choice, dtype, out_f, in_f, n
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("T", [300, 30])
-def test_native_kernels_any_thread_count(threads, T):
+@pytest.mark.parametrize("col_dtype", [torch.int32, torch.int16])  # int16: a layer's stored columns
+def test_native_kernels_any_thread_count(threads, T, col_dtype):
     # fp64 tiles are 128 tokens here. T=300: per-thread token ranges (3 threads: 128+128+44 tokens);
     # T=30: one tile, shared by the threads, which split S's rows (sddmm, forward product). Sums must not change.
     idx = _pattern(45, 38, 400, seed=11, empty_rows=True)
     layout = build_csr_layout(idx, (45, 38))
+    layout.col = layout.col.to(col_dtype)
     g = torch.Generator().manual_seed(0)
     gy, x = torch.randn(T, 45, generator=g, dtype=torch.float64), torch.randn(T, 38, generator=g, dtype=torch.float64)
     v = torch.randn(400, generator=g, dtype=torch.float64)
@@ -63,6 +65,9 @@ def test_native_kernels_any_thread_count(threads, T):
         got = layout.from_rowmajor(cpu_sddmm.sddmm(gy, x, layout.crow, layout.col))
         y = cpu_sddmm.spmm(x, layout.crow, layout.col, layout.rowmajor(v), 38)
         gx = cpu_sddmm.spmm(gy, layout.crow, layout.col, layout.rowmajor(v), 38, transposed=True)
+        w0 = torch.randn(45, 38, generator=g, dtype=torch.float64)
+        w, saved = w0.clone(), torch.empty(400, dtype=torch.float64)
+        cpu_sddmm.scatter_(w, layout.crow, layout.col, "merge", saved, layout.rowmajor(v), 0.5)
     finally:
         torch.set_num_threads(before)
     dense = torch.zeros(45, 38, dtype=torch.float64)
@@ -70,6 +75,7 @@ def test_native_kernels_any_thread_count(threads, T):
     torch.testing.assert_close(got, sddmm_reference(gy, x, idx), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, x @ dense.t(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, gy @ dense, rtol=1e-12, atol=1e-12)
+    assert torch.equal(w, w0 + 0.5 * dense) and torch.equal(layout.from_rowmajor(saved), w0[idx[0].long(), idx[1].long()])
 
 
 def test_native_sddmm_hand_set_entries():

@@ -15,17 +15,38 @@ def _layer(idx: torch.Tensor, out_f: int = 12, in_f: int = 10) -> ShiraLinear:
     return ShiraLinear(nn.Linear(in_f, out_f), None, "default", r=2, indices=idx, init_weights=False)
 
 
-def test_row_major_pattern_stores_four_bytes_per_entry():
+def test_row_major_pattern_stores_two_bytes_per_entry():
     idx = random_pattern(12, 10, 44, seed=1, shuffle=False)
     layer = _layer(idx)
     buffers = dict(layer.shira_indices.named_buffers())
     assert sorted(buffers) == ["patterns.default.col", "patterns.default.crow"]  # no row array, no order
     assert buffers["patterns.default.col"].shape == (44,) and buffers["patterns.default.crow"].shape == (13,)
-    assert all(b.dtype == torch.int32 for b in buffers.values())
+    assert buffers["patterns.default.crow"].dtype == torch.int32 and buffers["patterns.default.col"].dtype == torch.int16
+    col = buffers["patterns.default.col"]  # owns its storage: not a view that keeps (2, nnz) alive
+    assert col.untyped_storage().nbytes() == 44 * 2
     assert torch.equal(layer.shira_indices["default"], idx)  # read back in PEFT's form
     sd = layer.state_dict()
     assert [k for k in sd if "shira_indices" in k] == ["shira_indices.default"]
     assert torch.equal(sd["shira_indices.default"], idx)
+    assert sd["shira_indices.default"].dtype == torch.int32  # PEFT's form
+
+
+def test_columns_past_int16_stay_int32_and_match_dense():
+    in_f = 2**15 + 3  # column indices up to 32770 do not fit an int16
+    nnz = in_f + 2  # r=1 for a (2, in_f) weight
+    idx = random_pattern(2, in_f, nnz, seed=8, shuffle=False)
+    assert int(idx[1].max()) >= 2**15
+    torch.manual_seed(0)
+    layer = ShiraLinear(nn.Linear(in_f, 2, bias=False), None, "default", r=1, indices=idx, init_weights=False)
+    assert layer.shira_indices.pattern("default").col.dtype == torch.int32
+    assert torch.equal(layer.shira_indices["default"], idx)
+    x = torch.randn(3, in_f)
+    dense = torch.zeros(2, in_f)
+    dense[idx[0].long(), idx[1].long()] = layer.shira_weight["default"].detach()
+    ref = x @ (layer.base_layer.weight.detach() + dense).t()
+    for mode in ("unfused", "fused"):
+        layer.set_fuse_mode(mode)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_unsorted_indices_keep_their_order_and_values():
