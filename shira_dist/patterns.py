@@ -4,7 +4,9 @@ PEFT keeps ``shira_indices[name]`` = (2, nnz) int32 indices (row 0 = output inde
 input index): 8 bytes per entry, on every rank. A layer here registers, per adapter,
 
     crow  (out+1,) int32   where each row's entries start
-    col   (nnz,)   int16   their columns, row-major (int32 for weights with in >= 2^15)
+    col   (2*nnz,) uint8   their columns, row-major: int16 values kept as bytes, because gloo and
+                           NCCL cannot broadcast int16 (DDP and DeepSpeed broadcast buffers);
+                           (nnz,) int32 for weights with in > 2^15
     order (nnz,)   int32   only when the given indices were not row-major (values_rowmajor = values[order])
 
 i.e. 2 bytes per entry (masks are generated row-major, so ``order`` is normally absent), and
@@ -45,7 +47,11 @@ class SparsePattern(nn.Module):
 
     @property
     def nnz(self) -> int:
-        return self.col.shape[0]
+        return self.columns().shape[0]
+
+    def columns(self) -> Tensor:
+        """(nnz,) int16 or int32 column of each row-major entry (a view of the ``col`` buffer)."""
+        return self.col.view(torch.int16) if self.col.dtype == torch.uint8 else self.col
 
     def set_(self, indices: Tensor) -> None:
         """Replace the pattern by ``indices`` (2, nnz) int (validated; distinct entries)."""
@@ -55,14 +61,16 @@ class SparsePattern(nn.Module):
         except ValueError as e:
             raise ValueError(f"shira_indices for {self.where}: {e}") from None
         device = self.col.device if "col" in self._buffers else indices.device
-        col = col.to(device=device, dtype=torch.int16 if self.shape[1] <= _INT16_LIMIT else col.dtype)
+        col = col.to(device)
+        if self.shape[1] <= _INT16_LIMIT:
+            col = col.to(torch.int16).view(torch.uint8)
         self.register_buffer("crow", _own(crow.to(device)))
         self.register_buffer("col", _own(col))  # not a view keeping all of ``indices`` alive
         self.register_buffer("order", None if order is None else _own(order.to(device)))
 
     def indices(self) -> Tensor:
         """(2, nnz) int indices in the stored order (a new tensor)."""
-        return expand_indices(self.crow, self.col, self.order)
+        return expand_indices(self.crow, self.columns(), self.order)
 
     @torch.no_grad()
     def broadcast_(self, src: int, group: Optional[dist.ProcessGroup] = None,
@@ -78,7 +86,7 @@ class SparsePattern(nn.Module):
 
     def layout(self) -> CsrLayout:
         """The kernels' view of these buffers (no copies)."""
-        return csr_layout(self.shape, self.crow, self.col, self.order)
+        return csr_layout(self.shape, self.crow, self.columns(), self.order)
 
     def tensors(self) -> list[Tensor]:
         """The stored buffers (for in-place broadcasts and checksums)."""
