@@ -150,11 +150,36 @@ struct Tile {
     }
   }
 
-  // ot[r] = sum_{k in row r} v[k] * it[col[k]] for rows [r0, r1): one axpy per entry, in one
-  // flat loop over the entries (the row advances with crow). Written as a loop nest (per row,
-  // then its entries, even summing in registers) GCC's code was 2-3x slower here.
+  // ot[r] = sum_{k in row r} v[k] * it[col[k]] for rows [r0, r1).
   static void gather_rows(const S* it, const int32_t* crow, const I* col, const S* v, int64_t r0,
                           int64_t r1, S* ot) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<S, float>::value) {
+      // Each row's sums stay in NA registers of 16 floats (up to 128 tokens) while its entries
+      // stream past: one load and one FMA per 16 products and one store per row (measured
+      // 1.5-2x faster than the axpy loop below, which loads and stores the row every entry).
+      constexpr int NA = int(std::min<int64_t>(TB, 128) / 16);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t k0 = crow[r], k1 = crow[r + 1];
+        for (int64_t j0 = 0; j0 < TB; j0 += NA * 16) {
+          __m512 acc[NA];
+#pragma GCC unroll 8
+          for (int u = 0; u < NA; ++u) acc[u] = _mm512_setzero_ps();
+          for (int64_t k = k0; k < k1; ++k) {
+            const float* a = it + int64_t(col[k]) * TB + j0;
+            const __m512 vk = _mm512_set1_ps(v[k]);
+#pragma GCC unroll 8
+            for (int u = 0; u < NA; ++u) acc[u] = _mm512_fmadd_ps(vk, _mm512_loadu_ps(a + 16 * u), acc[u]);
+          }
+#pragma GCC unroll 8
+          for (int u = 0; u < NA; ++u) _mm512_storeu_ps(ot + r * TB + j0 + 16 * u, acc[u]);
+        }
+      }
+      return;
+    }
+#endif
+    // Portable: one axpy per entry, in one flat loop over the entries (the row advances with
+    // crow). Written as a loop nest (per row, then its entries) GCC's code was 2-3x slower.
     std::fill(ot + r0 * TB, ot + r1 * TB, S(0));
     int64_t r = r0;
     for (int64_t k = crow[r0]; k < crow[r1]; ++k) {
