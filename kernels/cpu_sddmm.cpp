@@ -223,22 +223,30 @@ struct Tile {
     }
   }
 
-  // The forward product with the threads sharing each tile, split by rows of S.
-  static void gather_shared(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows,
-                            int64_t n_cols, int64_t T, int64_t p, S* out) {
-    std::vector<S> it(n_cols * TB), ot(n_rows * TB);
+  // Runs per_tile(ts, tb, lo, hi) for every tile of T tokens on p threads that share the tile:
+  // each thread owns S's rows [lo, hi) (about nnz/p entries); a barrier ends each tile.
+  template <typename Fn>
+  static void shared_tiles(const int32_t* crow, int64_t n_rows, int64_t T, int64_t p, Fn&& per_tile) {
 #pragma omp parallel num_threads(p)
     {
       int64_t lo, hi;
       row_share(crow, n_rows, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
       for (int64_t ts = 0; ts < T; ts += TB) {
-        const int64_t tb = std::min(TB, T - ts);
-        transpose_shared(in + ts * n_cols, n_cols, n_cols, tb, it.data());
-        gather_rows(it.data(), crow, col, v, lo, hi, ot.data());
-        flip(ot.data() + lo * TB, TB, hi - lo, tb, out + ts * n_rows + lo, n_rows);
+        per_tile(ts, std::min(TB, T - ts), lo, hi);
 #pragma omp barrier
       }
     }
+  }
+
+  // The forward product with the threads sharing each tile, split by rows of S.
+  static void gather_shared(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows,
+                            int64_t n_cols, int64_t T, int64_t p, S* out) {
+    std::vector<S> it(n_cols * TB), ot(n_rows * TB);
+    shared_tiles(crow, n_rows, T, p, [&](int64_t ts, int64_t tb, int64_t lo, int64_t hi) {
+      transpose_shared(in + ts * n_cols, n_cols, n_cols, tb, it.data());
+      gather_rows(it.data(), crow, col, v, lo, hi, ot.data());
+      flip(ot.data() + lo * TB, TB, hi - lo, tb, out + ts * n_rows + lo, n_rows);
+    });
   }
 
   static void spmm(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows, int64_t n_cols,
@@ -275,18 +283,11 @@ struct Tile {
                            int64_t n_cols, int64_t T, int64_t p, S* out) {
     std::vector<S> gyt(n_rows * TB), xt(n_cols * TB);
     std::fill(out, out + crow[n_rows], S(0));
-#pragma omp parallel num_threads(p)
-    {
-      int64_t lo, hi;
-      row_share(crow, n_rows, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-      for (int64_t ts = 0; ts < T; ts += TB) {
-        const int64_t tb = std::min(TB, T - ts);
-        transpose_shared(gy + ts * n_rows, n_rows, n_rows, tb, gyt.data());
-        transpose_shared(x + ts * n_cols, n_cols, n_cols, tb, xt.data());
-        dots(gyt.data(), xt.data(), crow, col, lo, hi, out);
-#pragma omp barrier
-      }
-    }
+    shared_tiles(crow, n_rows, T, p, [&](int64_t ts, int64_t tb, int64_t lo, int64_t hi) {
+      transpose_shared(gy + ts * n_rows, n_rows, n_rows, tb, gyt.data());
+      transpose_shared(x + ts * n_cols, n_cols, n_cols, tb, xt.data());
+      dots(gyt.data(), xt.data(), crow, col, lo, hi, out);
+    });
   }
 
   static void sddmm(const S* gy, const S* x, const int32_t* crow, const I* col, int64_t n_rows,
