@@ -28,7 +28,7 @@ from .kernels import CsrLayout, compress_indices, csr_layout, expand_indices
 from .masks import validate_indices
 
 
-_INT16_LIMIT = 2**15  # columns below this fit an int16
+_INT16_LIMIT = 2**15  # in_features up to this: every column index fits an int16
 
 
 def _own(t: Tensor) -> Tensor:
