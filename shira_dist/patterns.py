@@ -143,11 +143,10 @@ class PatternDict(nn.Module):
 def _indices_to_state_dict(module: PatternDict, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict post-hook: ``<prefix>patterns.<name>.{crow,col,order}`` -> ``<prefix><name>`` (2, nnz)."""
     for name, pattern in module.patterns.items():
-        inner = f"{prefix}patterns.{name}."
-        found = [k for k in list(state_dict) if k.startswith(inner)]
-        if not found:
+        keys = [f"{prefix}patterns.{name}.{buffer}" for buffer, _ in pattern.named_buffers()]
+        if not all(key in state_dict for key in keys):
             continue
-        for key in found:
+        for key in keys:
             del state_dict[key]
         state_dict[prefix + name] = pattern.indices()
 

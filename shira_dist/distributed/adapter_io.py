@@ -20,7 +20,6 @@ import contextlib
 import os
 from typing import Iterator, Optional
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor

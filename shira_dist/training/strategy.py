@@ -140,7 +140,7 @@ class DdpStrategy(SingleStrategy):
                 layer.unfuse()
                 for adapter in layer.shira_weight:
                     layer.shira_indices.pattern(adapter).broadcast_(src=0, device=self.device)
-            for tensor in self._adapter_tensors(model):
+            for tensor in self._trainable_tensors(model):
                 dist.broadcast(tensor.data, src=0)
         super().setup(model, make_optimizer)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -148,16 +148,18 @@ class DdpStrategy(SingleStrategy):
                                              find_unused_parameters=False)
 
     @staticmethod
-    def _adapter_tensors(model: ShiraModel) -> list[Tensor]:
-        """SHiRA pattern buffers and values of every adapter, then other trainable tensors (same order on
-        every rank; the patterns' shapes agree once rank 0's are broadcast)."""
-        out: list[Tensor] = []
-        for _, layer in model.shira_layers():
-            for adapter in layer.shira_weight:
-                out += [*layer.shira_indices.pattern(adapter).tensors(), layer.shira_weight[adapter]]
+    def _trainable_tensors(model: ShiraModel) -> list[Tensor]:
+        """SHiRA values of every adapter, then other trainable tensors (same order on every rank)."""
+        out = [layer.shira_weight[adapter] for _, layer in model.shira_layers() for adapter in layer.shira_weight]
         seen = {id(t) for t in out}
-        out += [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-        return out
+        return out + [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+
+    @classmethod
+    def _adapter_tensors(cls, model: ShiraModel) -> list[Tensor]:
+        """Every adapter's pattern buffers, then :meth:`_trainable_tensors` (for the replica check)."""
+        patterns = [t for _, layer in model.shira_layers() for adapter in layer.shira_weight
+                    for t in layer.shira_indices.pattern(adapter).tensors()]
+        return patterns + cls._trainable_tensors(model)
 
     def no_sync(self) -> ContextManager:
         return self.model.no_sync()
