@@ -6,7 +6,14 @@ everything numerical lives here.
 
 from .layout import CsrLayout, build_csr_layout, compress_indices, csr_layout, expand_indices, flat_index
 from .merge import scatter_merge_, scatter_merge_reference, scatter_restore_, scatter_rewrite_
-from .sparse_delta import delta_matmul_reference, fused_values_grad, sddmm, sddmm_reference, sparse_delta_matmul
+from .sparse_delta import (
+    delta_matmul_reference,
+    fused_values_grad,
+    sddmm,
+    sddmm_reference,
+    sparse_delta_add_,
+    sparse_delta_matmul,
+)
 
 __all__ = [
     "CsrLayout",
@@ -20,6 +27,7 @@ __all__ = [
     "scatter_restore_",
     "scatter_rewrite_",
     "sparse_delta_matmul",
+    "sparse_delta_add_",
     "fused_values_grad",
     "sddmm",
     "sddmm_reference",

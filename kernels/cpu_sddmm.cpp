@@ -6,15 +6,18 @@
 // entry when n_cols < 2^15, else 4).
 //
 //   sddmm    out[k] = sum_t gy[t, r(k)] * x[t, col[k]]             gy: (T, n_rows), x: (T, n_cols)
-//   spmm     out[t, r] = sum_{k in row r} v[k] * in[t, col[k]]     x @ S^T   (forward)
-//            out[t, col[k]] += v[k] * in[t, r(k)]                 gy @ S    (grad_x), "transposed"
+//   spmm     out[t, r] (+)= scale * sum_{k in row r} v[k] * in[t, col[k]]   x @ S^T (forward)
+//            out[t, c] (+)= scale * sum_{k: col[k] = c} v[k] * in[t, r(k)]    gy @ S  (grad_x), "transposed"
+//            (+= with "accumulate": the forward adds the delta straight into the base layer's output)
 //   scatter  w[r(k), col[k]] = w0_k + scale * v[k]  /  = w0_k       merge, rewrite, restore
 //
 // Tiles: tokens are taken TB at a time and the token-major inputs transposed (8x8 AVX
 // register blocks for fp32) into buffers with one TB-long row per feature
 //   gyt / it: (n_rows, TB)   xt / it: (n_cols, TB)      (zero-padded past the last token)
 // so every entry costs one contiguous, vectorised TB-long dot product (sddmm) or axpy (spmm);
-// no (n_rows, n_cols) tensor and no full transposed copy is ever made. Rows of S are walked
+// no (n_rows, n_cols) tensor and no full transposed copy is ever made. The tile buffers are
+// per-thread scratch kept between calls (fresh allocations of this size page-faulted on every
+// call: measured 0.41 -> 0.24 ms for a 1024x1024, r=32 forward of 64 tokens). Rows of S are walked
 // in order, so the (n_rows, TB) side is streamed and only the (n_cols, TB) side is read at
 // random: TB is chosen to keep that within about 1 MB of L2.
 //
@@ -41,8 +44,9 @@ namespace {
 constexpr int64_t CB = 16;  // columns per transpose block
 
 #if defined(__AVX__)
-// dst[c * ld_d + j] = src[j * ld_s + c] for c, j < 8: the usual 8x8 in-register transpose
+// dst[c * ld_d + j] (+)= src[j * ld_s + c] for c, j < 8: the usual 8x8 in-register transpose
 // (unpack pairs of rows, shuffle pairs of pairs, swap 128-bit halves).
+template <bool Add = false>
 inline void transpose8x8(const float* src, int64_t ld_s, float* dst, int64_t ld_d) {
   __m256 r[8], t[8], u[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_s);
@@ -57,16 +61,21 @@ inline void transpose8x8(const float* src, int64_t ld_s, float* dst, int64_t ld_
     u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ld_d, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ld_d, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    __m256 lo = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), hi = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    if constexpr (Add) {
+      lo = _mm256_add_ps(lo, _mm256_loadu_ps(dst + i * ld_d));
+      hi = _mm256_add_ps(hi, _mm256_loadu_ps(dst + (i + 4) * ld_d));
+    }
+    _mm256_storeu_ps(dst + i * ld_d, lo);
+    _mm256_storeu_ps(dst + (i + 4) * ld_d, hi);
   }
 }
 #endif
 
-// dst[c * ld_d + r] = src[r * ld_s + c] for r < n_r, c < n_c. fp32 with AVX: 8x8 register
+// dst[c * ld_d + r] (+)= src[r * ld_s + c] for r < n_r, c < n_c. fp32 with AVX: 8x8 register
 // blocks, the scalar loop for the edges. The scalar loop is kept scalar on purpose:
 // vectorised, it becomes scatter stores, which are slower.
-template <typename S>
+template <typename S, bool Add = false>
 __attribute__((optimize("no-tree-vectorize"))) void flip(const S* src, int64_t ld_s, int64_t n_r, int64_t n_c, S* dst,
                                                          int64_t ld_d) {
   for (int64_t c0 = 0; c0 < n_c; c0 += CB) {
@@ -76,11 +85,11 @@ __attribute__((optimize("no-tree-vectorize"))) void flip(const S* src, int64_t l
     if constexpr (std::is_same<S, float>::value) {
       if (c1 - c0 == CB)
         for (; r + 8 <= n_r; r += 8)
-          for (int64_t c = c0; c < c1; c += 8) transpose8x8(src + r * ld_s + c, ld_s, dst + c * ld_d + r, ld_d);
+          for (int64_t c = c0; c < c1; c += 8) transpose8x8<Add>(src + r * ld_s + c, ld_s, dst + c * ld_d + r, ld_d);
     }
 #endif
     for (; r < n_r; ++r)
-      for (int64_t c = c0; c < c1; ++c) dst[c * ld_d + r] = src[r * ld_s + c];
+      for (int64_t c = c0; c < c1; ++c) dst[c * ld_d + r] = (Add ? dst[c * ld_d + r] : S(0)) + src[r * ld_s + c];
   }
 }
 
@@ -95,6 +104,30 @@ inline void row_share(const int32_t* crow, int64_t n_rows, int64_t i, int64_t nt
   *lo = i == 0 ? 0 : std::min(n_rows, row_at(crow, n_rows, nnz * i / nt));
   *hi = i + 1 == nt ? n_rows : std::min(n_rows, row_at(crow, n_rows, nnz * (i + 1) / nt));
   *hi = std::max(*lo, *hi);
+}
+
+// The calling thread's scratch buffer number `slot`, at least n elements (contents undefined),
+// kept for the thread's next call.
+template <typename S>
+S* scratch(int slot, int64_t n) {
+  static thread_local std::vector<S> buffers[2];
+  std::vector<S>& b = buffers[slot];
+  if (b.size() < size_t(n)) {
+    b.clear();
+    b.shrink_to_fit();  // no copy of the old contents
+    b.resize(n);
+  }
+  return b.data();
+}
+
+// Writes a (n, TB) tile back as tokens [0, tb) of token-major rows (row stride ld), adding to
+// what is there when accumulating.
+template <typename S, int64_t TB>
+void tile_out(const S* src, int64_t n, int64_t tb, S* dst, int64_t ld, bool accumulate) {
+  if (accumulate)
+    flip<S, true>(src, TB, n, tb, dst, ld);
+  else
+    flip<S, false>(src, TB, n, tb, dst, ld);
 }
 
 // TB tokens per tile (a multiple of 16); I: the column index type (int16 or int32).
@@ -150,8 +183,8 @@ struct Tile {
     }
   }
 
-  // ot[r] = sum_{k in row r} v[k] * it[col[k]] for rows [r0, r1).
-  static void gather_rows(const S* it, const int32_t* crow, const I* col, const S* v, int64_t r0,
+  // ot[r] = scale * sum_{k in row r} v[k] * it[col[k]] for rows [r0, r1).
+  static void gather_rows(const S* it, const int32_t* crow, const I* col, const S* v, S scale, int64_t r0,
                           int64_t r1, S* ot) {
 #if defined(__AVX512F__)
     if constexpr (std::is_same<S, float>::value) {
@@ -159,6 +192,7 @@ struct Tile {
       // stream past: one load and one FMA per 16 products and one store per row (measured
       // 1.5-2x faster than the axpy loop below, which loads and stores the row every entry).
       constexpr int NA = int(std::min<int64_t>(TB, 128) / 16);
+      const __m512 sc = _mm512_set1_ps(scale);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t k0 = crow[r], k1 = crow[r + 1];
         for (int64_t j0 = 0; j0 < TB; j0 += NA * 16) {
@@ -172,7 +206,7 @@ struct Tile {
             for (int u = 0; u < NA; ++u) acc[u] = _mm512_fmadd_ps(vk, _mm512_loadu_ps(a + 16 * u), acc[u]);
           }
 #pragma GCC unroll 8
-          for (int u = 0; u < NA; ++u) _mm512_storeu_ps(ot + r * TB + j0 + 16 * u, acc[u]);
+          for (int u = 0; u < NA; ++u) _mm512_storeu_ps(ot + r * TB + j0 + 16 * u, _mm512_mul_ps(sc, acc[u]));
         }
       }
       return;
@@ -184,7 +218,7 @@ struct Tile {
     int64_t r = r0;
     for (int64_t k = crow[r0]; k < crow[r1]; ++k) {
       while (crow[r + 1] <= k) ++r;
-      const S vk = v[k];
+      const S vk = scale * v[k];
       const S* a = it + int64_t(col[k]) * TB;
       S* o = ot + r * TB;
 #pragma omp simd
@@ -192,14 +226,14 @@ struct Tile {
     }
   }
 
-  // ot[col[k]] += v[k] * it[r] for the entries k of rows [r0, r1) (S^T's product from S's rows)
-  static void scatter_rows(const S* it, const int32_t* crow, const I* col, const S* v, int64_t r0,
+  // ot[col[k]] += scale * v[k] * it[r] for the entries k of rows [r0, r1) (S^T's product from S's rows)
+  static void scatter_rows(const S* it, const int32_t* crow, const I* col, const S* v, S scale, int64_t r0,
                            int64_t r1, S* ot) {
     for (int64_t r = r0; r < r1; ++r) {
       const S* a = it + r * TB;
       for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
         S* o = ot + int64_t(col[k]) * TB;
-        const S vk = v[k];
+        const S vk = scale * v[k];
 #pragma omp simd
         for (int64_t j = 0; j < TB; ++j) o[j] += vk * a[j];
       }
@@ -207,19 +241,21 @@ struct Tile {
   }
 
   // Tokens [t0, t1) of the product, one thread: in (T, n_in) -> out (T, n_out).
-  static void spmm_range(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows,
-                         bool transposed, int64_t n_in, int64_t n_out, int64_t t0, int64_t t1, S* out) {
-    std::vector<S> it(n_in * TB), ot(n_out * TB);
+  static void spmm_range(const S* in, const int32_t* crow, const I* col, const S* v, S scale, int64_t n_rows,
+                         bool transposed, int64_t n_in, int64_t n_out, int64_t t0, int64_t t1, bool accumulate,
+                         S* out) {
+    S* it = scratch<S>(0, n_in * TB);
+    S* ot = scratch<S>(1, n_out * TB);
     for (int64_t ts = t0; ts < t1; ts += TB) {
       const int64_t tb = std::min(TB, t1 - ts);
-      transpose(in + ts * n_in, n_in, n_in, tb, it.data());
+      transpose(in + ts * n_in, n_in, n_in, tb, it);
       if (transposed) {
-        std::fill(ot.begin(), ot.end(), S(0));
-        scatter_rows(it.data(), crow, col, v, 0, n_rows, ot.data());
+        std::fill(ot, ot + n_out * TB, S(0));
+        scatter_rows(it, crow, col, v, scale, 0, n_rows, ot);
       } else {
-        gather_rows(it.data(), crow, col, v, 0, n_rows, ot.data());
+        gather_rows(it, crow, col, v, scale, 0, n_rows, ot);
       }
-      flip(ot.data(), TB, n_out, tb, out + ts * n_out, n_out);  // the tile back to token-major rows
+      tile_out<S, TB>(ot, n_out, tb, out + ts * n_out, n_out, accumulate);  // back to token-major rows
     }
   }
 
@@ -239,21 +275,22 @@ struct Tile {
   }
 
   // The forward product with the threads sharing each tile, split by rows of S.
-  static void gather_shared(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows,
-                            int64_t n_cols, int64_t T, int64_t p, S* out) {
-    std::vector<S> it(n_cols * TB), ot(n_rows * TB);
+  static void gather_shared(const S* in, const int32_t* crow, const I* col, const S* v, S scale, int64_t n_rows,
+                            int64_t n_cols, int64_t T, int64_t p, bool accumulate, S* out) {
+    S* it = scratch<S>(0, n_cols * TB);  // the calling thread's buffers, shared by the team
+    S* ot = scratch<S>(1, n_rows * TB);
     shared_tiles(crow, n_rows, T, p, [&](int64_t ts, int64_t tb, int64_t lo, int64_t hi) {
-      transpose_shared(in + ts * n_cols, n_cols, n_cols, tb, it.data());
-      gather_rows(it.data(), crow, col, v, lo, hi, ot.data());
-      flip(ot.data() + lo * TB, TB, hi - lo, tb, out + ts * n_rows + lo, n_rows);
+      transpose_shared(in + ts * n_cols, n_cols, n_cols, tb, it);
+      gather_rows(it, crow, col, v, scale, lo, hi, ot);
+      tile_out<S, TB>(ot + lo * TB, hi - lo, tb, out + ts * n_rows + lo, n_rows, accumulate);
     });
   }
 
-  static void spmm(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows, int64_t n_cols,
-                   bool transposed, int64_t T, int64_t n_threads, S* out) {
+  static void spmm(const S* in, const int32_t* crow, const I* col, const S* v, S scale, int64_t n_rows,
+                   int64_t n_cols, bool transposed, int64_t T, int64_t n_threads, bool accumulate, S* out) {
     const int64_t n_tiles = (T + TB - 1) / TB;
     if (!transposed && n_tiles >= 1 && n_tiles < n_threads) {
-      gather_shared(in, crow, col, v, n_rows, n_cols, T, n_threads, out);
+      gather_shared(in, crow, col, v, scale, n_rows, n_cols, T, n_threads, accumulate, out);
       return;
     }
     const int64_t n_in = transposed ? n_rows : n_cols, n_out = transposed ? n_cols : n_rows;
@@ -261,32 +298,34 @@ struct Tile {
     const int64_t span = (n_tiles + p - 1) / p * TB;  // tokens per thread: each writes its own rows
 #pragma omp parallel for num_threads(p) schedule(static, 1)
     for (int64_t i = 0; i < p; ++i)
-      spmm_range(in, crow, col, v, n_rows, transposed, n_in, n_out, std::min(T, i * span),
-                 std::min(T, (i + 1) * span), out);
+      spmm_range(in, crow, col, v, scale, n_rows, transposed, n_in, n_out, std::min(T, i * span),
+                 std::min(T, (i + 1) * span), accumulate, out);
   }
 
   // acc (nnz,) = the sum over tokens [t0, t1), one thread
   static void sddmm_range(const S* gy, const S* x, const int32_t* crow, const I* col, int64_t n_rows,
                           int64_t n_cols, int64_t t0, int64_t t1, S* acc) {
-    std::vector<S> gyt(n_rows * TB), xt(n_cols * TB);
+    S* gyt = scratch<S>(0, n_rows * TB);
+    S* xt = scratch<S>(1, n_cols * TB);
     std::fill(acc, acc + crow[n_rows], S(0));
     for (int64_t ts = t0; ts < t1; ts += TB) {
       const int64_t tb = std::min(TB, t1 - ts);
-      transpose(gy + ts * n_rows, n_rows, n_rows, tb, gyt.data());
-      transpose(x + ts * n_cols, n_cols, n_cols, tb, xt.data());
-      dots(gyt.data(), xt.data(), crow, col, 0, n_rows, acc);
+      transpose(gy + ts * n_rows, n_rows, n_rows, tb, gyt);
+      transpose(x + ts * n_cols, n_cols, n_cols, tb, xt);
+      dots(gyt, xt, crow, col, 0, n_rows, acc);
     }
   }
 
   // The SDDMM with the threads sharing each tile, each summing the entries of its rows of S.
   static void sddmm_shared(const S* gy, const S* x, const int32_t* crow, const I* col, int64_t n_rows,
                            int64_t n_cols, int64_t T, int64_t p, S* out) {
-    std::vector<S> gyt(n_rows * TB), xt(n_cols * TB);
+    S* gyt = scratch<S>(0, n_rows * TB);  // the calling thread's buffers, shared by the team
+    S* xt = scratch<S>(1, n_cols * TB);
     std::fill(out, out + crow[n_rows], S(0));
     shared_tiles(crow, n_rows, T, p, [&](int64_t ts, int64_t tb, int64_t lo, int64_t hi) {
-      transpose_shared(gy + ts * n_rows, n_rows, n_rows, tb, gyt.data());
-      transpose_shared(x + ts * n_cols, n_cols, n_cols, tb, xt.data());
-      dots(gyt.data(), xt.data(), crow, col, lo, hi, out);
+      transpose_shared(gy + ts * n_rows, n_rows, n_rows, tb, gyt);
+      transpose_shared(x + ts * n_cols, n_cols, n_cols, tb, xt);
+      dots(gyt, xt, crow, col, lo, hi, out);
     });
   }
 
@@ -313,8 +352,8 @@ struct Tile {
 
 // Calls fn(Tile<S, I, TB>{}) with tile rows of 1 KB, 512 B or 256 B: the longest that keeps
 //   - the (n_cols, TB) tile (read or written at random) within about 1.25 MB of L2,
-//   - both tiles of a call, (n_rows + n_cols) x TB, within 512 KB (they are allocated per call and
-//     thread, at the backward's memory peak; 256 B rows measured as fast as 1 KB rows),
+//   - both tiles of a call, (n_rows + n_cols) x TB, within 512 KB (each thread keeps its scratch
+//     between calls, so this bounds what the kernels hold; 256 B rows measured as fast as 1 KB rows),
 //   - TB no longer than the batch needs (the loops always run TB tokens).
 template <typename S, typename I, typename Fn>
 void with_tile(int64_t n_rows, int64_t n_cols, int64_t T, Fn&& fn) {
@@ -363,10 +402,12 @@ extern "C" {
       decltype(tile)::sddmm(gy, x, crow, col, n_rows, n_cols, T, n_threads, out);                                 \
     });                                                                                                            \
   }                                                                                                                \
-  void shira_spmm_##SUFFIX(const S* in, const int32_t* crow, const I* col, const S* v, int64_t n_rows,             \
-                           int64_t n_cols, int64_t transposed, int64_t T, int64_t n_threads, S* out) {           \
-    with_tile<S, I>(n_rows, n_cols, T, [&](auto tile) {                                                                    \
-      decltype(tile)::spmm(in, crow, col, v, n_rows, n_cols, transposed != 0, T, n_threads, out);                 \
+  void shira_spmm_##SUFFIX(const S* in, const int32_t* crow, const I* col, const S* v, double scale,             \
+                           int64_t n_rows, int64_t n_cols, int64_t transposed, int64_t T, int64_t n_threads,      \
+                           int64_t accumulate, S* out) {                                                          \
+    with_tile<S, I>(n_rows, n_cols, T, [&](auto tile) {                                                            \
+      decltype(tile)::spmm(in, crow, col, v, S(scale), n_rows, n_cols, transposed != 0, T, n_threads,             \
+                           accumulate != 0, out);                                                                 \
     });                                                                                                            \
   }                                                                                                                \
   void shira_scatter_##SUFFIX(S* w, const int32_t* crow, const I* col, int64_t n_rows, int64_t n_cols,            \

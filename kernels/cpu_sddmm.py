@@ -119,7 +119,7 @@ def library() -> Optional[ctypes.CDLL]:
                       f"(slower): {detail[-2000:]}")
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    argtypes = {"sddmm": [ptr] * 4 + [i64] * 4 + [ptr], "spmm": [ptr] * 4 + [i64] * 5 + [ptr],
+    argtypes = {"sddmm": [ptr] * 4 + [i64] * 4 + [ptr], "spmm": [ptr] * 4 + [ctypes.c_double] + [i64] * 6 + [ptr],
                 "scatter": [ptr] * 3 + [i64] * 2 + [ptr, ctypes.c_double, ptr] + [i64] * 2}
     for kernel in _KERNELS:
         for values in _VALUE_TYPES:
@@ -203,14 +203,17 @@ def sddmm(grad_y: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
     return out
 
 
-def spmm(inp: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_cols: int, transposed: bool = False) -> Tensor:
-    """The sparse product with S (n_rows, n_cols) = CSR(crow, col, values), fresh output:
+def spmm(inp: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_cols: int, transposed: bool = False,
+         scale: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
+    """The sparse product with ``scale * S``, S (n_rows, n_cols) = CSR(crow, col, values):
 
-    ``transposed=False``: inp (T, n_cols) -> inp @ S^T (T, n_rows)   (the forward x @ S^T)
-    ``transposed=True``:  inp (T, n_rows) -> inp @ S   (T, n_cols)   (grad_x = grad_y @ S)
+    ``transposed=False``: inp (T, n_cols) -> inp @ (scale*S)^T (T, n_rows)   (the forward x @ S^T)
+    ``transposed=True``:  inp (T, n_rows) -> inp @ (scale*S)   (T, n_cols)   (grad_x = grad_y @ S)
 
-    values (nnz,) row-major, same dtype as inp (fp32/fp64, CPU). Reference: ``inp @ dense(S).t()``
-    / ``inp @ dense(S)``.
+    values (nnz,) row-major (columns ascending within a row, as layouts keep them), same dtype
+    as inp (fp32/fp64, CPU). With ``out`` (contiguous, that shape and dtype) the product is added
+    to it in place and ``out`` returned; else a fresh tensor. Reference: ``inp @ dense(S).t()``
+    / ``inp @ dense(S)``, times scale.
     """
     crow, col = _pattern(crow, col)
     if values.dtype != inp.dtype:
@@ -219,9 +222,17 @@ def spmm(inp: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_cols: int, tr
     width = n_rows if transposed else n_cols
     if inp.shape[1] != width:
         raise ValueError(f"spmm: input has {inp.shape[1]} features, the pattern ({n_rows}, {n_cols}) needs {width}")
+    shape = (inp.shape[0], n_cols if transposed else n_rows)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != inp.dtype or not out.is_contiguous()
+                            or out.device.type != "cpu"):
+        raise ValueError(f"spmm: out must be a contiguous {shape} {inp.dtype} CPU tensor, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device.type}"
+                         f"{'' if out.is_contiguous() else ' (not contiguous)'}")
     inp, values = inp.contiguous(), values.contiguous()
-    out = torch.empty(inp.shape[0], n_cols if transposed else n_rows, dtype=inp.dtype)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(shape, dtype=inp.dtype)
     _func(_lib(), "spmm", inp.dtype, col.dtype)(inp.data_ptr(), crow.data_ptr(), col.data_ptr(), values.data_ptr(),
-                                            n_rows, n_cols, int(transposed), inp.shape[0], torch.get_num_threads(),
-                                            out.data_ptr())
+                                            float(scale), n_rows, n_cols, int(transposed), inp.shape[0],
+                                            torch.get_num_threads(), int(accumulate), out.data_ptr())
     return out

@@ -66,10 +66,10 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         out_f, in_f = layout.shape
         cdt = _compute_dtype(x2d)
         xc = x2d.to(cdt)
-        v = values.to(cdt) * scale
-        if _native(xc, layout):  # (T, out), row by row of S
-            y = cpu_sddmm.spmm(xc, layout.crow, layout.col, layout.rowmajor(v), in_f)
+        if _native(xc, layout):  # (T, out), row by row of S; the scale is applied in the kernel
+            y = cpu_sddmm.spmm(xc, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f, scale=scale)
         else:
+            v = values.to(cdt) * scale
             y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)
         ctx.save_for_backward(x2d, values)
         ctx.layout, ctx.scale = layout, scale
@@ -84,11 +84,11 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         gy = grad_y.to(cdt)
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
-            v = values.to(cdt) * ctx.scale
             if _native(gy, layout):  # S's rows again, roles swapped: the CSR of S^T is never built
-                grad_x = cpu_sddmm.spmm(gy, layout.crow, layout.col, layout.rowmajor(v), in_f,
-                                        transposed=True).to(x2d.dtype)
+                grad_x = cpu_sddmm.spmm(gy, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f,
+                                        transposed=True, scale=ctx.scale).to(x2d.dtype)
             else:
+                v = values.to(cdt) * ctx.scale
                 lt = layout.transposed()
                 grad_x = _spmm_t(gy, lt.crow, lt.col, lt.rowmajor(v), in_f, out_f).to(x2d.dtype)
         if ctx.needs_input_grad[1]:
@@ -179,6 +179,37 @@ def sparse_delta_matmul(x: Tensor, values: Tensor, layout: CsrLayout, scale: flo
         return x.new_zeros(*lead, out_f)
     y = _SparseDeltaMatmul.apply(x.reshape(-1, in_f), values, layout, float(scale))
     return y.reshape(*lead, out_f)
+
+
+def sparse_delta_add_(y: Tensor, x: Tensor, values: Tensor, layout: CsrLayout, scale: float) -> Tensor:
+    """``y += x @ (scale * S)^T`` in place, for inference: y (..., out), x (..., in) -> y.
+
+    The CPU kernel (and Triton on CUDA) adds the delta straight into y: no (..., out) delta
+    tensor and no separate add. Refuses to run where autograd would have to record it (use
+    ``y + sparse_delta_matmul(...)`` when training).
+    """
+    if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or values.requires_grad):
+        raise RuntimeError("sparse_delta_add_ adds in place without autograd; with gradients enabled use "
+                           "y + sparse_delta_matmul(x, values, layout, scale)")
+    out_f, in_f = layout.shape
+    if y.shape[-1] != out_f or x.shape[-1] != in_f or y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"sparse_delta_add_: y {tuple(y.shape)} and x {tuple(x.shape)} do not fit a pattern of "
+                         f"shape {layout.shape}")
+    if x.numel() == 0:
+        return y
+    x2d = x.reshape(-1, in_f)
+    direct = y.is_contiguous() and y.dtype == x.dtype == _compute_dtype(x)
+    if direct and _native(x2d, layout):
+        cpu_sddmm.spmm(x2d, layout.crow, layout.col, layout.rowmajor(values.to(x.dtype)), in_f, scale=scale,
+                       out=y.view(-1, out_f))
+    elif direct and use_triton(x2d):
+        from . import triton_kernels
+
+        triton_kernels.csr_spmm_add_(y.view(-1, out_f), x2d, layout.crow, layout.col,
+                                     layout.rowmajor(values.to(x.dtype)), scale)
+    else:
+        y.add_(sparse_delta_matmul(x, values, layout, scale).to(y.dtype))
+    return y
 
 
 def delta_matmul_reference(x: Tensor, indices: Tensor, values: Tensor, scale: float, shape: tuple[int, int]) -> Tensor:

@@ -7,7 +7,8 @@
     S_a: (out, in) with r*(in+out) non-zeros at shira_indices[a], values shira_weight[a]
 
 Two execution modes give the same results (see ``set_fuse_mode``):
-  unfused  the picture above: base forward plus a CSR sparse matmul per adapter.
+  unfused  the picture above: base forward plus a CSR sparse matmul per adapter (with
+           autograd off, e.g. inference, the kernel adds into the base output in place).
   fused    the base weight holds W0 + Σ deltas in place (re-written from the saved W0
            entries after each optimizer step), so the forward is exactly the base layer's;
            backward adds only the values' SDDMM. The default ("auto") for fp32/fp64
@@ -29,7 +30,14 @@ from torch import Tensor, nn
 
 from .buffer_dict import BufferDict
 from .fused import FusedDelta
-from .kernels import CsrLayout, fused_values_grad, scatter_merge_, scatter_restore_, sparse_delta_matmul
+from .kernels import (
+    CsrLayout,
+    fused_values_grad,
+    scatter_merge_,
+    scatter_restore_,
+    sparse_delta_add_,
+    sparse_delta_matmul,
+)
 from .masks import mask_to_indices, shira_budget, validate_indices
 from .patterns import PatternDict
 
@@ -250,8 +258,11 @@ class ShiraLinear(nn.Module):
         self.unfuse()
         y = self.base_layer(x)
         for name in active:
-            delta = sparse_delta_matmul(x, self.shira_weight[name], self._layout(name), self.scaling[name])
-            y = y + delta.to(y.dtype)
+            values, layout, scale = self.shira_weight[name], self._layout(name), self.scaling[name]
+            if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or values.requires_grad):
+                y = y + sparse_delta_matmul(x, values, layout, scale).to(y.dtype)
+            else:  # inference: the kernel adds into the base layer's fresh output, no delta tensor
+                y = sparse_delta_add_(y, x, values, layout, scale)
         return y
 
     # ---- merge ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from shira_dist.kernels import (
     delta_matmul_reference,
     sddmm,
     sddmm_reference,
+    sparse_delta_add_,
     sparse_delta_matmul,
 )
 from tests.conftest import random_pattern
@@ -65,6 +66,10 @@ def test_native_kernels_any_thread_count(threads, T, col_dtype):
         got = layout.from_rowmajor(cpu_sddmm.sddmm(gy, x, layout.crow, layout.col))
         y = cpu_sddmm.spmm(x, layout.crow, layout.col, layout.rowmajor(v), 38)
         gx = cpu_sddmm.spmm(gy, layout.crow, layout.col, layout.rowmajor(v), 38, transposed=True)
+        y0, gx0 = torch.randn(T, 45, generator=g, dtype=torch.float64), torch.randn(T, 38, generator=g, dtype=torch.float64)
+        y_acc, gx_acc = y0.clone(), gx0.clone()  # scaled, added into existing outputs
+        assert cpu_sddmm.spmm(x, layout.crow, layout.col, layout.rowmajor(v), 38, scale=-0.3, out=y_acc) is y_acc
+        cpu_sddmm.spmm(gy, layout.crow, layout.col, layout.rowmajor(v), 38, transposed=True, scale=-0.3, out=gx_acc)
         w0 = torch.randn(45, 38, generator=g, dtype=torch.float64)
         w, saved = w0.clone(), torch.empty(400, dtype=torch.float64)
         cpu_sddmm.scatter_(w, layout.crow, layout.col, "merge", saved, layout.rowmajor(v), 0.5)
@@ -75,6 +80,8 @@ def test_native_kernels_any_thread_count(threads, T, col_dtype):
     torch.testing.assert_close(got, sddmm_reference(gy, x, idx), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, x @ dense.t(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, gy @ dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_acc, y0 - 0.3 * (x @ dense.t()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx_acc, gx0 - 0.3 * (gy @ dense), rtol=1e-12, atol=1e-12)
     assert torch.equal(w, w0 + 0.5 * dense) and torch.equal(layout.from_rowmajor(saved), w0[idx[0].long(), idx[1].long()])
 
 
@@ -133,6 +140,42 @@ def test_sparse_delta_products_match_dense_fp64(monkeypatch, choice, dtype, out_
     torch.testing.assert_close(y.double(), ref.detach(), rtol=tol, atol=tol)
     torch.testing.assert_close(grad_x.double(), ref_gx, rtol=tol, atol=tol)
     assert (layout._t is None) == (choice == "native")  # the native path never builds the CSR of S^T
+
+
+@pytest.mark.parametrize("choice", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,nnz,T", CASES[::2])
+def test_sparse_delta_add_matches_dense_fp64(monkeypatch, choice, dtype, out_f, in_f, nnz, T):
+    # Inference: y += x @ (s*S)^T in place (the kernel writes into y; bf16 goes through fp32 and an add).
+    monkeypatch.setenv("SHIRA_DIST_CPU_SDDMM", choice)
+    nnz = min(nnz, out_f * in_f)
+    idx = _pattern(out_f, in_f, nnz, seed=3 * in_f + T, shuffle=True)
+    layout = build_csr_layout(idx, (out_f, in_f))
+    g = torch.Generator().manual_seed(T + 2)
+    x = torch.randn(2, T, in_f, generator=g).to(dtype)
+    v, y0 = torch.randn(nnz, generator=g).to(dtype), torch.randn(2, T, out_f, generator=g).to(dtype)
+    y = y0.clone()
+    assert sparse_delta_add_(y, x, v, layout, 0.7) is y
+    ref = y0.double() + delta_matmul_reference(x.double(), idx, v.double(), 0.7, (out_f, in_f))
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5 * max(in_f, out_f) ** 0.5, torch.bfloat16: 0.05}[dtype]
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+
+
+def test_sparse_delta_add_refuses_autograd_and_bad_shapes():
+    idx = _pattern(6, 5, 10, seed=1)
+    layout = build_csr_layout(idx, (6, 5))
+    x, v, y = torch.randn(3, 5), torch.randn(10, requires_grad=True), torch.randn(3, 6)
+    with pytest.raises(RuntimeError, match=r"with gradients enabled use y \+ sparse_delta_matmul"):
+        sparse_delta_add_(y, x, v, layout, 1.0)
+    with torch.no_grad():
+        sparse_delta_add_(y, x, v, layout, 1.0)  # fine without autograd
+        with pytest.raises(ValueError, match=r"y \(3, 5\) and x \(3, 5\) do not fit a pattern of shape \(6, 5\)"):
+            sparse_delta_add_(torch.randn(3, 5), x, v, layout, 1.0)
+    crow, col = layout.crow, layout.col
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(3, 6\) torch.float32 CPU tensor, got \(6, 3\)"):
+        cpu_sddmm.spmm(x, crow, col, v.detach(), 5, out=torch.zeros(6, 3))
+    with pytest.raises(ValueError, match="not contiguous"):
+        cpu_sddmm.spmm(x, crow, col, v.detach(), 5, out=torch.zeros(6, 3).t())
 
 
 def test_native_spmm_hand_set_entries():

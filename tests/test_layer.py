@@ -39,6 +39,25 @@ def test_forward_equals_dense_reference_fp32(mode):
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_unfused_forward_with_and_without_autograd(grad):
+    # With autograd off the kernel adds each adapter's delta into the base output in place;
+    # with it on, y + delta. Both equal the dense reference, and the base weight is untouched.
+    layer = _layer()
+    layer.update_layer("other", random_mask(layer.base_layer, 2, random_seed=5), r=2, init_weights=False)
+    layer.set_adapter(["default", "other"])
+    layer.set_fuse_mode("unfused")
+    w0 = layer.base_layer.weight.detach().clone()
+    x = torch.randn(2, 9, 20)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    assert y.requires_grad == grad
+    delta = _dense_delta(layer, "default").double() + _dense_delta(layer, "other").double()
+    ref = x.double() @ (w0.double() + delta).t() + layer.base_layer.bias.double()
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
 def test_scale_is_applied():
     layer = _layer()
     x = torch.randn(4, 20)
