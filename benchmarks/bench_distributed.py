@@ -13,6 +13,9 @@ process uses cores/W threads so 1 and 2 processes share the same cores. Per rank
   peak RSS       ru_maxrss of the process (model construction included: every rank builds
                  the whole model before the engine shards it)
   train RSS      highest RSS sampled (5 ms) while training steps run
+  train private  highest anonymous resident memory (RssAnon) sampled alongside: RSS without the
+                 file-backed pages (library code, shared by the ranks of a node), i.e. the memory
+                 the rank itself allocated
   built/wrapped  RSS after building the model, and after the engine took it
   step           median wall time of the timed steps
   reduced        bytes through all-reduce / reduce-scatter per step (gradient traffic)
@@ -46,10 +49,12 @@ ZERO_FILES = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "ze
 
 
 class RssSampler:
-    """Highest resident set size seen while running (a 5 ms polling thread)."""
+    """Highest resident set size, and highest anonymous (private) resident memory, seen while
+    running (a 5 ms polling thread)."""
 
     def __init__(self) -> None:
         self.peak = 0
+        self.peak_private = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -58,9 +63,18 @@ class RssSampler:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    @staticmethod
+    def private() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.rss())
+            self.peak_private = max(self.peak_private, self.private())
             time.sleep(0.005)
 
     def __enter__(self) -> "RssSampler":
@@ -192,7 +206,8 @@ def worker(args) -> None:
             times.append(time.perf_counter() - t)
     res = {"rank": rank, "world": world, "step_s": statistics.median(times),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "train_rss_mb": sampler.peak / 2**20, "built_rss_mb": built_rss / 2**20,
+           "train_rss_mb": sampler.peak / 2**20, "train_private_mb": sampler.peak_private / 2**20,
+           "built_rss_mb": built_rss / 2**20,
            "wrapped_rss_mb": wrapped_rss / 2**20, "reduced_b": counts.gradient_bytes,
            "gathered_b": counts.bytes.get("all_gather", 0), "adapter_b": adapter_bytes}
     print("RESULT " + json.dumps(res), flush=True)
@@ -257,13 +272,14 @@ def main() -> None:
           f"global batch {args.batch}x{args.seq}; r={args.r} on 7 projections; AdamW; {args.cores} cores shared "
           f"by the ranks; 1 warm-up + {args.steps} timed steps; malloc: {args.malloc}; per-rank values are the "
           f"max over ranks\n")
-    print("| strategy | method | ranks | peak RSS MB/rank | train RSS MB/rank | RSS built / wrapped MB | step s "
-          "| reduced MB/step/rank | gathered MB/step/rank | trainable MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| strategy | method | ranks | peak RSS MB/rank | train RSS MB/rank | train private MB/rank "
+          "| RSS built / wrapped MB | step s | reduced MB/step/rank | gathered MB/step/rank | trainable MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for strategy, method, world, res in rows:
         mb = lambda key: max(r[key] for r in res) / 2**20  # noqa: E731
         print(f"| {strategy} | {method} | {world} | {max(r['peak_rss_mb'] for r in res):.0f} | "
-              f"{max(r['train_rss_mb'] for r in res):.0f} | {max(r['built_rss_mb'] for r in res):.0f} / "
+              f"{max(r['train_rss_mb'] for r in res):.0f} | {max(r['train_private_mb'] for r in res):.0f} | "
+              f"{max(r['built_rss_mb'] for r in res):.0f} / "
               f"{max(r['wrapped_rss_mb'] for r in res):.0f} | {max(r['step_s'] for r in res):.2f} | "
               f"{mb('reduced_b'):.2f} | {mb('gathered_b'):.1f} | {res[0]['adapter_b'] / 2**20:.2f} |")
 

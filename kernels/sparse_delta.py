@@ -92,7 +92,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
                 lt = layout.transposed()
                 grad_x = _spmm_t(gy, lt.crow, lt.col, lt.rowmajor(v), in_f, out_f).to(x2d.dtype)
         if ctx.needs_input_grad[1]:
-            grad_v = (sddmm(gy, x2d.to(cdt), layout) * ctx.scale).to(values.dtype)
+            grad_v = sddmm(gy, x2d.to(cdt), layout).mul_(ctx.scale).to(values.dtype)  # sddmm gives a fresh tensor
         return grad_x, grad_v, None, None
 
 
@@ -157,7 +157,7 @@ class _FusedValuesGrad(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             cdt = _compute_dtype(grad_y)
             gy = grad_y.reshape(-1, grad_y.shape[-1]).to(cdt)
-            grad_v = (sddmm(gy, x2d.to(cdt), ctx.layout) * ctx.scale).to(ctx.values_dtype)
+            grad_v = sddmm(gy, x2d.to(cdt), ctx.layout).mul_(ctx.scale).to(ctx.values_dtype)
         return grad_y, None, grad_v, None, None
 
 
