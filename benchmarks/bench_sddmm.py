@@ -16,6 +16,8 @@ SDDMM (values gradient, (nnz,)):
 Forward delta y = x @ S^T (unfused forward and inference):
   csr(S) spmm     torch.sparse.mm on CSR(S) (MKL)
   native          the C++ kernel (with fewer token tiles than threads, threads split S's rows)
+  native add      the same adding into an existing output (the inference path)
+  LoRA (x A^T) B^T  for scale: LoRA's two thin dense products at the same budget (r=R)
 grad_x = grad_y @ S:
   csr(S^T) spmm   torch.sparse.mm on a CSR of S^T (needs a second index copy)
   mm(gy, csr S)   torch.mm(grad_y, CSR(S)): only the CSR of S
@@ -60,12 +62,17 @@ def methods(out_f: int, in_f: int, rows, cols, x, gy, use_inductor: bool) -> dic
     order_t = torch.argsort(cols * out_f + rows)
     s_t = torch.sparse_csr_tensor(_crow(cols, in_f), r32[order_t], s_csr.values()[order_t], (in_f, out_f))
     flat = rows * in_f + cols
+    y_acc = torch.zeros(x.shape[0], out_f)
+    r = nnz // (in_f + out_f)
+    lora_a, lora_b = torch.randn(r, in_f), torch.randn(out_f, r)
     m = {
         "sddmm dense": lambda: (gy.t() @ x).view(-1)[flat],
         "sddmm sampled_addmm": lambda: torch.sparse.sampled_addmm(pattern, gy.t().contiguous(), x, beta=0.0),
         "sddmm native": lambda: cpu_sddmm.sddmm(gy, x, crow, c32),
         "forward csr(S) spmm": lambda: torch.sparse.mm(s_csr, x.t()).t(),
         "forward native": lambda: cpu_sddmm.spmm(x, crow, c32, v, in_f),
+        "forward native add": lambda: cpu_sddmm.spmm(x, crow, c32, v, in_f, out=y_acc),
+        "forward LoRA (x A^T) B^T": lambda: (x @ lora_a.t()) @ lora_b.t(),
         "grad_x csr(S^T) spmm": lambda: torch.sparse.mm(s_t, gy.t()).t(),
         "grad_x mm(gy, csr S)": lambda: torch.mm(gy, s_csr),
         "grad_x native": lambda: cpu_sddmm.spmm(gy, crow, c32, v, in_f, transposed=True),

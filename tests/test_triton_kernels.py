@@ -66,7 +66,13 @@ def test_csr_spmm_forward_and_grad_x(out_f, in_f, nnz):
 def test_public_functions_dispatch_to_triton(monkeypatch):
     # SHIRA_DIST_KERNEL_BACKEND=triton routes the public kernels through Triton (interpreted here),
     # covering the CUDA dispatch path end to end against the dense references.
-    from shira_dist.kernels import delta_matmul_reference, scatter_merge_, scatter_restore_, sparse_delta_matmul
+    from shira_dist.kernels import (
+        delta_matmul_reference,
+        scatter_merge_,
+        scatter_restore_,
+        sparse_delta_add_,
+        sparse_delta_matmul,
+    )
 
     monkeypatch.setenv("SHIRA_DIST_KERNEL_BACKEND", "triton")
     idx = _idx(24, 20, 90, 4).to(torch.int32)
@@ -89,6 +95,11 @@ def test_public_functions_dispatch_to_triton(monkeypatch):
     torch.testing.assert_close(orig, w0[idx[0].long(), idx[1].long()], atol=0, rtol=0)  # stored order
     scatter_restore_(w, layout, orig)
     assert torch.equal(w, w0)
+    y0 = torch.randn(2, 3, 24)
+    y_add = y0.clone()
+    with torch.no_grad():  # inference: the Triton product adds into y in place
+        sparse_delta_add_(y_add, x, v, layout, 0.5)
+    torch.testing.assert_close(y_add, y0 + yr.detach(), atol=1e-5, rtol=1e-5)
     monkeypatch.setenv("SHIRA_DIST_KERNEL_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="SHIRA_DIST_KERNEL_BACKEND='cuda-please' is invalid"):
         scatter_merge_(w, layout, v.detach(), 0.5)
