@@ -45,6 +45,7 @@ def _target_weights(model: nn.Module, config: ShiraConfig) -> list[tuple[str, nn
         if not isinstance(base, nn.Linear):
             raise TypeError(f"target {name!r} is a {type(module).__name__}; calibration supports torch.nn.Linear")
         weight = base.weight
+        _require_whole(name, weight)
         if weight.device.type == "meta":
             raise ValueError(f"calibration needs loaded weights, but {name!r} is on the meta device; "
                              "load the weights first, or use mask_type='random' or 'struct'")
@@ -100,9 +101,7 @@ def calibration_scores(model: nn.Module, config: ShiraConfig, batches: Iterable[
         raise ValueError(f"mask_type={config.mask_type!r} does not use calibration data; calibration "
                          f"applies to mask_type in {sorted(CALIBRATED_MASKS)}")
     score_fn = CALIBRATED_MASKS[config.mask_type][0]
-    targets = _target_weights(model, config)
-    for name, base in targets:
-        _require_whole(name, base.weight)
+    targets = _target_weights(model, config)  # refuses sharded weights (_require_whole)
     weights = {id(base.weight): base.weight for _, base in targets}  # a tied weight counts once
     scores = {key: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for key, w in weights.items()}
 

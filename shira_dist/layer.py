@@ -39,6 +39,7 @@ from .kernels import (
     sparse_delta_matmul,
 )
 from .masks import mask_to_indices, shira_budget, validate_indices
+from .partitioned import is_partitioned
 from .patterns import PatternDict
 
 FUSE_MODES = ("auto", "fused", "unfused")
@@ -273,6 +274,7 @@ class ShiraLinear(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write active (or named) adapters into the base weight at their indices only."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self._check_whole_weight("merge")
         self.unfuse()
         for name in names:
             if name not in self.shira_weight:
@@ -294,10 +296,18 @@ class ShiraLinear(nn.Module):
         if not self.merged:
             warnings.warn(f"{self.layer_name}: already unmerged; nothing to do")
             return
+        self._check_whole_weight("unmerge")
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             scatter_restore_(self.base_layer.weight.data, self._layout(name), self._merged_originals[name])
             del self._merged_originals[name]
+
+    def _check_whole_weight(self, action: str) -> None:
+        if is_partitioned(self.base_layer.weight):
+            raise RuntimeError(
+                f"{self.layer_name}: cannot {action}: the base weight is a DeepSpeed ZeRO-3 partition (the model was "
+                "built under deepspeed.zero.Init or wrapped by a ZeRO-3 engine), and merging writes whole weights; "
+                "save the adapter (shira_dist.distributed.save_adapter) and merge it into a whole model in one process")
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.shira_weight)}, r={self.r}, active={self._active_adapters}, merged={self.merged_adapters}"

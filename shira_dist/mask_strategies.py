@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .masks import _generator, _sparse_mask, _weight_of, sample_distinct, shira_budget
+from .partitioned import full_shape, gathered
 
 # ---- scores (pure) ------------------------------------------------------------------------
 
@@ -190,7 +191,7 @@ def struct_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None
     extra kwargs are ignored.
     """
     weight = _weight_of(base_layer)
-    out_f, in_f = weight.shape
+    out_f, in_f = full_shape(weight)  # a ZeRO-3 partitioned weight works as it is
     device = _sampling_device(weight)
     return _sparse_mask(struct_positions(out_f, in_f, r, _generator(device, random_seed), device), weight)
 
@@ -198,12 +199,16 @@ def struct_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None
 def weight_magnitude_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None, **kwargs) -> Tensor:
     """SHiRA-WM: the r*(in+out) entries of largest |W| (ties: lowest row-major position).
 
-    Deterministic: ``random_seed`` and extra kwargs are ignored. Needs loaded weights (not meta).
-    Returns a coalesced sparse COO (out, in) tensor of ones on the weight's device.
+    Deterministic: ``random_seed`` and extra kwargs are ignored. Needs loaded weights (not meta);
+    a ZeRO-3 partitioned weight is gathered for the ranking and freed (collective: every rank
+    must build the adapter, as it must anyway). Returns a coalesced sparse COO (out, in) tensor
+    of ones on the weight's device.
     """
     weight = _loaded_weight(base_layer, "weight_magnitude")
-    k = shira_budget(*weight.shape, r)
-    return _sparse_mask(topk_positions(weight_magnitude_scores(weight), k), weight)
+    k = shira_budget(*full_shape(weight), r)
+    with gathered([weight]):
+        flat = topk_positions(weight_magnitude_scores(weight), k)
+    return _sparse_mask(flat, weight)
 
 
 def _scored_mask(base_layer: nn.Module, r: int, scores: Optional[Tensor], mask_type: str) -> Tensor:
@@ -214,11 +219,12 @@ def _scored_mask(base_layer: nn.Module, r: int, scores: Optional[Tensor], mask_t
             "(shira_dist.calibration.calibrate_masks(model, config, batches)), or call this mask "
             "function with scores=<(out, in) tensor>"
         )
-    if not isinstance(scores, Tensor) or tuple(scores.shape) != tuple(weight.shape):
+    shape = full_shape(weight)
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != shape:
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"scores for mask_type={mask_type!r} must be a tensor of the weight's shape "
-                         f"{tuple(weight.shape)} (out, in), got {got}")
-    k = shira_budget(*weight.shape, r)
+                         f"{shape} (out, in), got {got}")
+    k = shira_budget(*shape, r)
     flat = topk_positions(scores.float(), k).to(_sampling_device(weight))
     return _sparse_mask(flat, weight)
 

@@ -15,6 +15,8 @@ import secrets
 import torch
 from torch import Tensor, nn
 
+from .partitioned import full_shape
+
 # Above this density, rejection sampling wastes draws; a full permutation of m*n is
 # then at most 1/_DENSE_FRACTION times nnz, so still O(nnz).
 _DENSE_FRACTION = 0.25
@@ -67,14 +69,15 @@ def sample_distinct(total: int, k: int, generator: torch.Generator, device: torc
 
 
 def _weight_of(base_layer: nn.Module) -> Tensor:
+    """The layer's 2-D weight (possibly a ZeRO-3 partition: see :mod:`shira_dist.partitioned`)."""
     weight = getattr(base_layer, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    if not isinstance(weight, Tensor) or len(full_shape(weight)) != 2:
         raise TypeError(f"mask functions need a layer with a 2-D .weight, got {type(base_layer).__name__}")
     return weight
 
 
 def _sparse_mask(flat: Tensor, weight: Tensor) -> Tensor:
-    out_f, in_f = weight.shape
+    out_f, in_f = full_shape(weight)
     idx = torch.stack([flat // in_f, flat % in_f])
     ones = torch.ones(flat.numel(), dtype=weight.dtype, device=flat.device)
     return torch.sparse_coo_tensor(idx, ones, (out_f, in_f), is_coalesced=True)
@@ -84,11 +87,12 @@ def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, *
     """Uniform random SHiRA mask: r*(in+out) distinct positions of ``base_layer.weight``.
 
     Returns a coalesced sparse COO (out, in) tensor of ones on the weight's device (on
-    the CPU for a meta-device weight, which has no storage to hold a pattern).
+    the CPU for a meta-device weight, which has no storage to hold a pattern). Needs only the
+    weight's shape, so a ZeRO-3 partitioned weight works as it is.
     ``random_seed=None`` draws a fresh pattern every call; extra kwargs are ignored.
     """
     weight = _weight_of(base_layer)
-    out_f, in_f = weight.shape
+    out_f, in_f = full_shape(weight)
     k = shira_budget(out_f, in_f, r)
     device = weight.device if weight.device.type != "meta" else torch.device("cpu")
     flat = sample_distinct(out_f * in_f, k, _generator(device, random_seed), device)

@@ -22,6 +22,7 @@ from .config import ShiraConfig
 from .layer import ShiraLinear
 from .masks import MASK_FUNCTIONS, layer_seed, shira_budget
 from .modules_to_save import ModulesToSave
+from .partitioned import full_numel
 from .targeting import find_modules_to_save, find_targets, get_submodule_parent
 
 
@@ -307,8 +308,9 @@ class ShiraModel(nn.Module):
 
     # ---- parameters --------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        # full_numel: a ZeRO-3 partitioned parameter counts whole (its numel() is this rank's part)
+        trainable = sum(full_numel(p) for p in self.parameters() if p.requires_grad)
+        return trainable, sum(full_numel(p) for p in self.parameters())
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

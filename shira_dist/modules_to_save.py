@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 from torch import nn
+
+from .partitioned import plain_copy
 
 
 class ModulesToSave(nn.Module):
@@ -23,7 +24,7 @@ class ModulesToSave(nn.Module):
         self.add(adapter_name)
 
     def add(self, adapter_name: str, trainable: bool = False) -> None:
-        clone = copy.deepcopy(self.original_module)
+        clone = plain_copy(self.original_module)  # a deepcopy, gathered first if ZeRO-3 partitioned
         clone.requires_grad_(trainable)
         self.modules_to_save[adapter_name] = clone
 

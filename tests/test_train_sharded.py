@@ -134,3 +134,57 @@ def test_fsdp_with_a_gradient_mask_uses_rank_zeros_calibration(tmp_path):
     m = _metrics(tmp_path)
     assert m["replicas_in_sync"] is True and m["train"]["steps"] == 3
     assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["mask_type"] == "gradient"
+
+
+# ---- ZeRO-3 building the base partitioned (distributed.zero_init) ------------------------------
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> dict:
+    """configs/tiny.yaml's model saved as a local Hugging Face directory (zero_init applies to weights
+    loaded from disk), and the one-process reference run on it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shira_dist.training import load_run_config
+
+    model_dir = tmp_path_factory.mktemp("tiny_model")
+    inline = dict(load_run_config(TINY).model.inline_config)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline)).save_pretrained(model_dir)
+    source = ["model.inline_config=null", f"model.path={model_dir}"]
+    out = tmp_path_factory.mktemp("single_loaded")
+    _job(out, 1, *source, "training.gradient_accumulation_steps=2")
+    return {"source": source, "dir": out, **_metrics(out)}
+
+
+ZERO3 = ["distributed.strategy=deepspeed", f"distributed.deepspeed_config={ZERO / 'zero3.json'}"]
+
+
+def test_zero3_builds_the_base_partitioned_and_matches_one_process(tmp_path, loaded):
+    proc = _job(tmp_path, 2, *loaded["source"], *ZERO3)  # distributed.zero_init: auto
+    assert "base model built partitioned" in proc.stdout
+    m = _metrics(tmp_path)
+    assert m["base_built_partitioned"] is True and loaded["base_built_partitioned"] is False
+    assert m["replicas_in_sync"] is True
+    assert m["train"]["losses"] == pytest.approx(loaded["train"]["losses"], rel=LOSS_RTOL)
+    assert m["train"]["losses"][-1] < 0.5 * m["train"]["losses"][0]
+    _assert_same_adapter(tmp_path / "final", loaded["dir"] / "final")
+
+
+def test_partitioned_zero3_run_resumes_as_one_process(tmp_path, loaded):
+    _job(tmp_path, 2, *loaded["source"], *ZERO3, "distributed.zero_init=true", "training.stop_after_step=6")
+    assert _metrics(tmp_path)["base_built_partitioned"] is True
+    _job(tmp_path, 1, *loaded["source"], "training.gradient_accumulation_steps=2")
+    m = _metrics(tmp_path)
+    assert m["status"] == "completed" and m["base_built_partitioned"] is False
+    assert m["train"]["losses"] == pytest.approx(loaded["train"]["losses"], rel=LOSS_RTOL)
+    _assert_same_adapter(tmp_path / "final", loaded["dir"] / "final")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["distributed.zero_init=true"], "is for strategy 'deepspeed' with ZeRO stage 3"),
+    (["distributed.strategy=deepspeed", "distributed.zero_init=true"], "needs weights loaded from model.path"),
+    (["distributed.strategy=deepspeed", "distributed.zero_init=true", "model.inline_config=null",
+      "model.path=."], "needs ZeRO stage 3, but this run uses stage 2"),
+])
+def test_zero_init_misuse_is_refused_before_starting(tmp_path, overrides, message):
+    proc = _job(tmp_path, 1, *overrides, ok=False)
+    assert proc.returncode != 0 and message in proc.stderr

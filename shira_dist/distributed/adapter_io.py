@@ -25,26 +25,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from .. import checkpoint as ckpt
+from ..partitioned import gathered
+from ..partitioned import is_partitioned as is_zero3_partitioned
 from .common import rank_and_world, unwrap_shira_model
 
 _FSDP1_WRAPPER = "_fsdp_wrapped_module."  # FSDP1 inserts this into module paths
-
-
-def is_zero3_partitioned(t: Tensor) -> bool:
-    """True for a DeepSpeed ZeRO-3 parameter (``numel() == 0`` outside its module's forward)."""
-    return hasattr(t, "ds_id") and hasattr(t, "ds_numel")
-
-
-@contextlib.contextmanager
-def _zero3_gathered(tensors: list[Tensor]) -> Iterator[None]:
-    partitioned = [t for t in tensors if is_zero3_partitioned(t)]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
 
 
 @contextlib.contextmanager
@@ -84,7 +69,7 @@ def gather_adapter_state_dict(model: nn.Module, adapter_name: str = "default",
     shira = unwrap_shira_model(model)
     with _fsdp1_gathered(model):
         live = shira.adapter_state_dict(adapter_name)
-        with _zero3_gathered(list(live.values())):
+        with gathered(list(live.values())):
             out = {key.replace(_FSDP1_WRAPPER, ""): _whole(t) for key, t in live.items()}
     rank, _ = rank_and_world()
     return out if rank == 0 or not rank0_only else None

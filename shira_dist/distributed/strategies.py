@@ -128,6 +128,36 @@ class DeepSpeedStrategy(_ShardedBase):
 
     name = "deepspeed"
 
+    def model_construction(self) -> ContextManager:
+        """Under ZeRO-3 (``distributed.zero_init``) the base model is built partitioned.
+
+        transformers builds a model under ``deepspeed.zero.Init`` (and loads pretrained weights
+        one gathered parameter at a time) while an ``HfDeepSpeedConfig`` is alive; it is kept for
+        the whole run, as the HF Trainer does, since transformers holds it by a weak reference.
+        ``auto`` applies it to weights loaded from a directory: a random-init inline model is
+        drawn differently under zero.Init, and is built whole so every engine and resume agree.
+        """
+        if not self._zero_init():
+            return contextlib.nullcontext()
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _ensure_process_group(self.device)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_deepspeed_config = HfDeepSpeedConfig(self._config())
+        self.builds_partitioned = True
+        return contextlib.nullcontext()
+
+    def _zero_init(self) -> bool:
+        setting, stage = self.cfg.distributed.zero_init, zero_stage_of(self._config())
+        if setting is True and stage != 3:
+            raise ValueError(f"distributed.zero_init=true needs ZeRO stage 3; the DeepSpeed config gives stage {stage} "
+                             "(set distributed.zero_stage=3 or use configs/deepspeed/zero3*.json)")
+        if setting == "auto":  # weights loaded from a directory, whose mask needs no whole-model scores
+            return stage == 3 and self.cfg.model.inline_config is None and \
+                self.cfg.shira.mask_type not in ("gradient", "snip")
+        return setting
+
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -223,6 +223,14 @@ def check_run_config(cfg: RunConfig) -> None:
     if dist.strategy != "deepspeed":
         _require(dist.deepspeed_config is None and dist.zero_stage is None,
                  f"distributed.deepspeed_config/zero_stage are for strategy 'deepspeed', not {dist.strategy!r}")
+        _require(dist.zero_init is not True,
+                 f"distributed.zero_init=true is for strategy 'deepspeed' with ZeRO stage 3, not {dist.strategy!r}")
+    _require(not (dist.zero_init is True and cfg.model.inline_config is not None),
+             "distributed.zero_init=true needs weights loaded from model.path or model.builtin: a random-init "
+             "model.inline_config is built whole, so every engine and every resumed run draws the same weights")
+    _require(not (dist.zero_init is True and s.mask_type in ("gradient", "snip")),
+             f"distributed.zero_init=true with shira.mask_type={s.mask_type!r} is invalid: data-driven masks score "
+             "the whole model before it is sharded; use zero_init auto/false (the model is then built whole first)")
 
 
 def _absolute(path: str | None) -> str | None:

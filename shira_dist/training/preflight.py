@@ -7,6 +7,7 @@ rank is left waiting in a rendezvous for a peer that already exited.
 
 from __future__ import annotations
 
+import json
 import os
 
 from .checkpointing import check_resume_matches, find_resume_dir
@@ -29,6 +30,7 @@ def preflight(cfg: RunConfig, env: DistEnv) -> None:
         if cfg.distributed.strategy == "deepspeed" and cfg.distributed.deepspeed_config is not None \
                 and not os.path.isfile(cfg.distributed.deepspeed_config):
             raise FileNotFoundError(f"distributed.deepspeed_config={cfg.distributed.deepspeed_config!r} does not exist")
+        _check_zero_init(cfg)
         check_model_source(cfg.model)
         if cfg.data.prepare is not None:
             check_prepare_source(cfg.data.prepare)
@@ -43,3 +45,21 @@ def preflight(cfg: RunConfig, env: DistEnv) -> None:
             raise FileExistsError(f"output_dir={cfg.output_dir!r} exists and is not a directory")
     except (ValueError, OSError, ImportError) as e:
         raise PreflightError(str(e)) from e
+
+
+def _check_zero_init(cfg: RunConfig) -> None:
+    """distributed.zero_init=true needs ZeRO stage 3 (from zero_stage, else the JSON, else the default 2)."""
+    d = cfg.distributed
+    if d.strategy != "deepspeed" or d.zero_init is not True:
+        return
+    stage = d.zero_stage
+    if stage is None and d.deepspeed_config is not None:
+        with open(d.deepspeed_config) as f:
+            try:
+                stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"distributed.deepspeed_config={d.deepspeed_config!r} is not valid JSON: {e}") from e
+    stage = 2 if stage is None else stage
+    if stage != 3:
+        raise ValueError(f"distributed.zero_init=true needs ZeRO stage 3, but this run uses stage {stage} "
+                         "(set distributed.zero_stage=3 or use configs/deepspeed/zero3*.json)")

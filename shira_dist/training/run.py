@@ -145,7 +145,11 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
 
     with local_main_first(env):  # a built-in model may be converted (once) here
         model_dir = model_directory(cfg.model)
-    base, tokenizer = load_base_model(cfg, model_dir)
+    strategy = make_strategy(cfg.distributed.strategy, env, device, cfg)
+    with strategy.model_construction():  # ZeRO-3: built partitioned, never whole on a rank
+        base, tokenizer = load_base_model(cfg, model_dir)
+    if strategy.builds_partitioned:
+        _log(env, "base model built partitioned over the ranks (DeepSpeed ZeRO-3 zero.Init)")
     encoder = ExampleEncoder(cfg.task, tokenizer)
     objective = Objective.for_model(cfg.task.type, base, label_token_ids(cfg.task, tokenizer))
     train, evaluation, data_files = _load_data(cfg, encoder, env)
@@ -174,7 +178,6 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
               f"(density {adapter['density']:.4%} of the targeted weights), "
               f"{adapter['trainable_parameters']:,d} trainable of {adapter['all_parameters']:,d} parameters")
 
-    strategy = make_strategy(cfg.distributed.strategy, env, device, cfg)
     strategy.setup(shira, lambda params: torch.optim.AdamW(
         params, lr=tr.learning_rate, betas=tuple(tr.adam_betas), eps=tr.adam_eps, weight_decay=tr.weight_decay))
     scheduler = make_scheduler(strategy.optimizer, tr.lr_schedule, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio)
@@ -184,7 +187,8 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
     tracker.summary(tracker_summary(adapter))
     info = {"output_dir": out, "final_adapter": os.path.join(out, "final"), "max_steps": tr.max_steps,
             "global_batch": plan.global_batch, "world_size": env.world_size,
-            "strategy": cfg.distributed.strategy, "precision": precision}
+            "strategy": cfg.distributed.strategy, "precision": precision,
+            "base_built_partitioned": strategy.builds_partitioned}
     shira_config = shira.peft_config["default"]
 
     def save_checkpoint(loop_state: LoopState) -> str:

@@ -115,6 +115,10 @@ class DistributedConfig:
     timeout_minutes: int = 30  # collective timeout
     zero_stage: Optional[Literal[0, 1, 2, 3]] = None  # deepspeed: overrides the JSON's zero_optimization.stage
     deepspeed_config: Optional[str] = None  # deepspeed: a JSON config, e.g. configs/deepspeed/zero3.json
+    # deepspeed ZeRO-3: build the base model already partitioned (deepspeed.zero.Init through
+    # transformers' HfDeepSpeedConfig), so no rank ever holds the whole model. auto: on for ZeRO-3
+    # unless the mask is data-driven (gradient/snip score the whole model before sharding)
+    zero_init: Union[bool, Literal["auto"]] = "auto"
     fsdp: FsdpOptions = field(default_factory=FsdpOptions)
 
 

@@ -1,6 +1,7 @@
 """How the model is spread over processes: the contract the training loop talks to.
 
     strategy = make_strategy("ddp", env, device, cfg)  (cfg: the RunConfig)
+    with strategy.model_construction(): base = ...  (ZeRO-3 builds it partitioned; others: as is)
     strategy.setup(shira_model, make_optimizer)     wrap the model, build the optimizer
     with strategy.no_sync(): ...                    accumulation micro-batches (no gradient sync)
     strategy.backward(loss); strategy.clip_and_step(max_norm); strategy.zero_grad()
@@ -38,6 +39,7 @@ class TrainingStrategy(Protocol):
     model: nn.Module  # what the loop calls forward on (may be a wrapper)
     optimizer: torch.optim.Optimizer
 
+    def model_construction(self) -> ContextManager: ...  # around building the base model
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None: ...
     def no_sync(self) -> ContextManager: ...
     def backward(self, loss: Tensor) -> None: ...
@@ -70,6 +72,11 @@ class SingleStrategy:
     def __init__(self, env: DistEnv, device: torch.device, cfg: RunConfig) -> None:
         self.env, self.device, self.cfg = env, device, cfg
         self.shira: Optional[ShiraModel] = None
+        self.builds_partitioned = False  # True: the base model is built sharded (see model_construction)
+
+    def model_construction(self) -> ContextManager:
+        """Entered while the job builds the base model: every rank builds it whole."""
+        return contextlib.nullcontext()
 
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
         self.shira = model
