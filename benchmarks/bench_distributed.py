@@ -87,6 +87,10 @@ class RssSampler:
 
 
 def _build(args, method: str):
+    """The method's model; with --zero-init under ZeRO-3 the base is built partitioned
+    (``deepspeed.zero.Init``: no rank ever holds the whole model) before adapters are added."""
+    import contextlib
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -94,7 +98,13 @@ def _build(args, method: str):
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.inter, num_hidden_layers=args.layers,
                       num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
                       vocab_size=args.vocab, max_position_embeddings=args.seq)
-    base = LlamaForCausalLM(cfg)
+    partitioned = contextlib.nullcontext()
+    if args.zero_init and args.strategy.startswith("zero3"):
+        import deepspeed
+
+        partitioned = deepspeed.zero.Init(config_dict_or_path=_zero_config(args.strategy, args.batch))
+    with partitioned:
+        base = LlamaForCausalLM(cfg)
     if method == "shira_dist":
         import shira_dist
 
@@ -221,7 +231,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args, strategy: str, method: str, world: int) -> list[dict]:
+def _failure(text: str) -> str:
+    """The last exception line a failed job printed (what the table shows for it)."""
+    lines = [ln.split("]: ", 1)[-1].strip() for ln in text.splitlines() if "Error: " in ln or "Error:" in ln[:60]]
+    return lines[-1][:160] if lines else "see stderr"
+
+
+def launch(args, strategy: str, method: str, world: int) -> list[dict] | str:
+    """Each rank's result, sorted by rank, or the reason the job failed."""
     threads = max(1, args.cores // world)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))}
@@ -230,7 +247,8 @@ def launch(args, strategy: str, method: str, world: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.abspath(__file__), "--worker"]
     # The job's sizes travel in the environment: torchrun's own parser would take --r for --rdzv-*.
-    spec = {key: getattr(args, key) for key in ("hidden", "inter", "layers", "vocab", "batch", "seq", "r", "steps")}
+    spec = {key: getattr(args, key) for key in ("hidden", "inter", "layers", "vocab", "batch", "seq", "r", "steps",
+                                                "zero_init")}
     env["BENCH_DISTRIBUTED_JOB"] = json.dumps({**spec, "strategy": strategy, "method": method, "threads": threads})
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     # Ranks print at the same time: two results may share a line, so decode from each marker.
@@ -239,7 +257,7 @@ def launch(args, strategy: str, method: str, world: int) -> list[dict]:
     if out.returncode != 0 or len(results) != world:
         tail = (out.stdout + out.stderr)[-2500:]
         print(f"  {strategy}/{method}/{world}: FAILED (exit {out.returncode})\n{tail}", file=sys.stderr)
-        return []
+        return _failure(out.stdout + out.stderr)
     return sorted(results, key=lambda r: r["rank"])
 
 
@@ -253,6 +271,9 @@ def main() -> None:
     ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--malloc", choices=["mmap", "default"], default="mmap",
                     help="mmap: MALLOC_MMAP_THRESHOLD_=65536 (RSS = live memory); default: glibc's adaptive")
+    ap.add_argument("--zero-init", action="store_true",
+                    help="under zero3*: build the base partitioned (deepspeed.zero.Init), as transformers does for "
+                         "a ZeRO-3 run, instead of whole on every rank")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -266,16 +287,19 @@ def main() -> None:
                 results = launch(args, strategy, method, world)
                 print(f"  done {strategy} {method} world={world} ({time.perf_counter() - began:.0f} s)",
                       file=sys.stderr, flush=True)
-                if results:
-                    rows.append((strategy, method, world, results))
+                rows.append((strategy, method, world, results))
     print(f"\nLlama hidden {args.hidden}, inter {args.inter}, {args.layers} layers, vocab {args.vocab}, fp32; "
           f"global batch {args.batch}x{args.seq}; r={args.r} on 7 projections; AdamW; {args.cores} cores shared "
-          f"by the ranks; 1 warm-up + {args.steps} timed steps; malloc: {args.malloc}; per-rank values are the "
+          f"by the ranks; 1 warm-up + {args.steps} timed steps; malloc: {args.malloc}; "
+          f"{'zero3 base built partitioned (zero.Init); ' if args.zero_init else ''}per-rank values are the "
           f"max over ranks\n")
     print("| strategy | method | ranks | peak RSS MB/rank | train RSS MB/rank | train private MB/rank "
           "| RSS built / wrapped MB | step s | reduced MB/step/rank | gathered MB/step/rank | trainable MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for strategy, method, world, res in rows:
+        if isinstance(res, str):
+            print(f"| {strategy} | {method} | {world} | fails: {res} |" + " |" * 7)
+            continue
         mb = lambda key: max(r[key] for r in res) / 2**20  # noqa: E731
         print(f"| {strategy} | {method} | {world} | {max(r['peak_rss_mb'] for r in res):.0f} | "
               f"{max(r['train_rss_mb'] for r in res):.0f} | {max(r['train_private_mb'] for r in res):.0f} | "
