@@ -7,6 +7,9 @@ absolute (observed ~1e-7: only float summation order differs), ranks in sync. Re
 engines with the optimizer state: a ZeRO-3 + offload run stopped at step 6 and finished as one
 process, and one-process runs finished under FSDP2 and ZeRO-2, give the losses of an
 uninterrupted single-process run (Adam's moments are restored, not restarted).
+
+With weights loaded from a directory, ZeRO-3 builds the base partitioned (distributed.zero_init):
+the same losses and adapter as one process, and resumes as one process or partitioned again.
 """
 
 from __future__ import annotations
@@ -169,12 +172,17 @@ def test_zero3_builds_the_base_partitioned_and_matches_one_process(tmp_path, loa
     _assert_same_adapter(tmp_path / "final", loaded["dir"] / "final")
 
 
-def test_partitioned_zero3_run_resumes_as_one_process(tmp_path, loaded):
+@pytest.mark.parametrize("then,partitioned", [
+    ((1, "training.gradient_accumulation_steps=2"), False),
+    ((2, *ZERO3), True),  # the adapter checkpoint loads into a partitioned base
+], ids=["then-single", "then-zero3-partitioned"])
+def test_partitioned_zero3_run_resumes(tmp_path, loaded, then, partitioned):
     _job(tmp_path, 2, *loaded["source"], *ZERO3, "distributed.zero_init=true", "training.stop_after_step=6")
     assert _metrics(tmp_path)["base_built_partitioned"] is True
-    _job(tmp_path, 1, *loaded["source"], "training.gradient_accumulation_steps=2")
+    proc = _job(tmp_path, then[0], *loaded["source"], *then[1:])
+    assert "resumed from" in proc.stdout and "step-6" in proc.stdout
     m = _metrics(tmp_path)
-    assert m["status"] == "completed" and m["base_built_partitioned"] is False
+    assert m["status"] == "completed" and m["base_built_partitioned"] is partitioned and m["replicas_in_sync"]
     assert m["train"]["losses"] == pytest.approx(loaded["train"]["losses"], rel=LOSS_RTOL)
     _assert_same_adapter(tmp_path / "final", loaded["dir"] / "final")
 
