@@ -233,7 +233,7 @@ def _free_port() -> int:
 
 def _failure(text: str) -> str:
     """The last exception line a failed job printed (what the table shows for it)."""
-    lines = [ln.split("]: ", 1)[-1].strip() for ln in text.splitlines() if "Error: " in ln or "Error:" in ln[:60]]
+    lines = [ln.split("]: ", 1)[-1].strip() for ln in text.splitlines() if "Error:" in ln]
     return lines[-1][:160] if lines else "see stderr"
 
 

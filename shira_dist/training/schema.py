@@ -117,7 +117,8 @@ class DistributedConfig:
     deepspeed_config: Optional[str] = None  # deepspeed: a JSON config, e.g. configs/deepspeed/zero3.json
     # deepspeed ZeRO-3: build the base model already partitioned (deepspeed.zero.Init through
     # transformers' HfDeepSpeedConfig), so no rank ever holds the whole model. auto: on for ZeRO-3
-    # unless the mask is data-driven (gradient/snip score the whole model before sharding)
+    # with weights from model.path/builtin, unless the mask is data-driven (gradient/snip score the
+    # whole model before sharding); a random-init inline_config is built whole (same draws everywhere)
     zero_init: Union[bool, Literal["auto"]] = "auto"
     fsdp: FsdpOptions = field(default_factory=FsdpOptions)
 
