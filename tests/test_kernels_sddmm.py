@@ -21,9 +21,9 @@ def _pattern(out_f, in_f, nnz, seed, shuffle=False, empty_rows=False):
     return random_pattern(out_f, in_f, nnz, seed, shuffle, empty_rows)
 
 
-# (out, in, nnz, T): T around the native kernel's tiles (256/128/64 fp32 tokens, half for fp64,
-# by input width: <= 1280, <= 2816, wider) and around the split of tokens between threads;
-# widths not multiples of anything.
+# (out, in, nnz, T): T around the native kernel's tiles (256/128/64/32 fp32 tokens, half for fp64,
+# by input width and the tiles' budget: <= 1280, <= 2816, wider, in+out > 2048) and around the
+# split of tokens between threads; widths not multiples of anything.
 CASES = [(7, 13, 20, 1), (13, 7, 30, 5), (64, 33, 200, 64), (50, 70, 900, 127), (50, 70, 900, 256),
          (70, 50, 900, 257), (33, 129, 1000, 600), (1, 40, 10, 513), (40, 1, 5, 65),
          (3, 1500, 300, 129), (2, 2900, 200, 70)]
