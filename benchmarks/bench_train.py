@@ -7,8 +7,11 @@ Configurations: frozen-base floor (forward + backward through activations only),
 PEFT SHiRA, full fine-tuning of the targeted weights, shira_dist fused (random mask, the
 default mode), shira_dist unfused (random), shira_dist struct mask (fused), all r=32 on the
 7 Llama projections, AdamW. Prints one table of medians and ratios; nothing here is asserted.
-Step time is compared with the floor's process; inference (one sequence of --infer-tokens)
-with the same model's adapters disabled, in alternating blocks inside one process.
+Step time is compared with the floor's process, which stays up while each configuration runs:
+their steps alternate one by one (only one process computes at a time), and "step / floor" is
+the median of the per-pair ratios, so drifting machine speed hits both sides of each ratio.
+Inference (one sequence of --infer-tokens) is compared with the same model's adapters
+disabled, in alternating blocks inside one process. At most two models are in memory at once.
 Uses only public APIs (transformers, peft, shira_dist).
 """
 
@@ -73,7 +76,8 @@ def _paired_inference(model, fwd, merge, unmerge, rounds: int, steps: int) -> di
     """Inference with the adapter (unmerged, then merged) against the same model with its
     adapters disabled, in alternating blocks in one process, so machine noise hits all three
     alike. Each block: one untimed forward (a mode change settles there), then ``steps`` timed.
-    Returns median latencies and the ratios unmerged / base and merged / base."""
+    Returns median latencies and the medians over rounds of each round's ratios unmerged / base
+    and merged / base."""
     base, unmerged, merged = [], [], []
     for _ in range(rounds):
         with model.disable_adapter():
@@ -85,50 +89,154 @@ def _paired_inference(model, fwd, merge, unmerge, rounds: int, steps: int) -> di
         fwd()
         merged.append(_median_time(fwd, steps))
         unmerge()
-    b = statistics.median(base)
-    return {"infer_base_s": b, "infer_unmerged_s": statistics.median(unmerged),
-            "infer_ratio": statistics.median(unmerged) / b, "infer_merged_ratio": statistics.median(merged) / b}
+    return {"infer_base_s": statistics.median(base), "infer_unmerged_s": statistics.median(unmerged),
+            "infer_ratio": statistics.median(u / b for u, b in zip(unmerged, base)),
+            "infer_merged_ratio": statistics.median(m / b for m, b in zip(merged, base))}
 
 
-def run_one(args, name) -> dict:
-    import torch
+class _Job:
+    """One configuration's model, optimizer and batch, built in this (worker) process."""
 
-    torch.set_num_threads(args.threads)
-    model = _build(args, name)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    embed = model.get_input_embeddings()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    model.train()
+    def __init__(self, args, name: str):
+        import torch
 
-    def step():
-        x = embed(ids).detach().requires_grad_(True)  # the floor still back-propagates through every layer
-        loss = model(inputs_embeds=x, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        torch.set_num_threads(args.threads)
+        self.args, self.name = args, name
+        self.model = _build(args, name)
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+        self.model.train()
+        self.step()  # warm-up
 
-    step()  # warm-up
-    res = {"name": name, "step_s": _median_time(step, args.steps),
-           "trainable": sum(p.numel() for p in params)}
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    model.eval()
-    small = ids[:1, :args.infer_tokens]
-    with torch.no_grad():
-        fwd = lambda: model(small)  # noqa: E731
-        if name not in ("floor", "full_ft"):
-            if name == "peft_lora" or name == "peft_shira":
-                merge, unmerge = model.base_model.merge_adapter, model.base_model.unmerge_adapter
+    def step(self) -> float:
+        """One training step; returns its wall time in seconds."""
+        t = time.perf_counter()
+        x = self.model.get_input_embeddings()(self.ids).detach().requires_grad_(True)  # the floor still
+        loss = self.model(inputs_embeds=x, labels=self.ids).loss                        # back-propagates
+        loss.backward()                                                                  # through every layer
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    def finish(self) -> dict:
+        """Peak RSS of the training so far, then inference, switching and the adapter file."""
+        import torch
+
+        args, model, name = self.args, self.model, self.name
+        res = {"name": name, "trainable": sum(p.numel() for p in self.params),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        model.eval()
+        small = self.ids[:1, :args.infer_tokens]
+        with torch.no_grad():
+            fwd = lambda: model(small)  # noqa: E731
+            if name not in ("floor", "full_ft"):
+                if name == "peft_lora" or name == "peft_shira":
+                    merge, unmerge = model.base_model.merge_adapter, model.base_model.unmerge_adapter
+                else:
+                    merge, unmerge = model.merge_adapter, model.unmerge_adapter
+                res.update(_paired_inference(model, fwd, merge, unmerge, args.infer_rounds, args.infer_steps))
+                res["switch_s"] = _median_time(lambda: (merge(), unmerge()), 3)
+                with tempfile.TemporaryDirectory() as d:
+                    model.save_pretrained(d)
+                    res["adapter_mb"] = os.path.getsize(os.path.join(d, "adapter_model.safetensors")) / 2**20
+        return res
+
+
+def serve(args, name: str) -> None:
+    """Worker: build the job, then answer "step" (prints the step's time) and "finish" (prints
+    the results and exits), one JSON line per command on stdout."""
+    job = _Job(args, name)
+    print(json.dumps({"ready": name}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            print(json.dumps({"step_s": job.step()}), flush=True)
+        elif line.strip() == "finish":
+            print(json.dumps(job.finish()), flush=True)
+            return
+        else:
+            raise SystemExit(f"unknown command {line.strip()!r}")
+
+
+class _Worker:
+    """A configuration in its own process, driven one command at a time (the others wait idle)."""
+
+    def __init__(self, args, name: str, env: dict):
+        cmd = [sys.executable, __file__, "--serve", name]
+        for key in _SIZES:
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, shown if it fails
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, env=env)
+        self._read()  # "ready": built and warmed up
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.seek(0)
+            sys.exit(f"{self.name} failed (exit code {self.proc.returncode}):\n{self.log.read()[-3000:]}")
+        return json.loads(line)
+
+    def _ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def step(self) -> float:
+        return self._ask("step")["step_s"]
+
+    def finish(self) -> dict:
+        res = self._ask("finish")
+        self.proc.wait()
+        self.log.close()
+        return res
+
+
+_SIZES = ["hidden", "inter", "layers", "vocab", "batch", "seq", "r", "steps", "infer_steps", "infer_rounds",
+          "infer_tokens", "threads"]
+
+
+def measure(args, env: dict) -> list[dict]:
+    """Every configuration's results. With the floor among them, the floor's process stays up
+    and each configuration's steps alternate with floor steps (order swapped every pair), so
+    machine noise hits both alike; ``step_ratio`` is the median of the per-pair ratios."""
+    floor = _Worker(args, "floor", env) if "floor" in args.configs else None
+    floor_times, rows = [], []
+    for name in args.configs:
+        if name == "floor":
+            continue
+        w = _Worker(args, name, env)
+        if floor is not None:
+            floor.step()  # untimed: the floor's caches were cold while this one was built
+        times, ratios = [], []
+        for i in range(args.steps):
+            if floor is None:
+                times.append(w.step())
+                continue
+            if i % 2 == 0:
+                f, c = floor.step(), w.step()
             else:
-                merge, unmerge = model.merge_adapter, model.unmerge_adapter
-            res.update(_paired_inference(model, fwd, merge, unmerge, args.infer_rounds, args.infer_steps))
-            res["switch_s"] = _median_time(lambda: (merge(), unmerge()), 3)
-            with tempfile.TemporaryDirectory() as d:
-                model.save_pretrained(d)
-                res["adapter_mb"] = os.path.getsize(os.path.join(d, "adapter_model.safetensors")) / 2**20
-    return res
+                c, f = w.step(), floor.step()
+            times.append(c)
+            floor_times.append(f)
+            ratios.append(c / f)
+        row = w.finish()
+        row["step_s"] = statistics.median(times)
+        if ratios:
+            row["step_ratio"] = statistics.median(ratios)
+        rows.append(row)
+        print(f"  done {name}", file=sys.stderr)
+    if floor is not None:
+        if not floor_times:  # the floor alone
+            floor_times = [floor.step() for _ in range(args.steps)]
+        row = floor.finish()
+        row.update(step_s=statistics.median(floor_times), step_ratio=1.0)
+        rows.insert(0, row)
+    return rows
 
 
 def main() -> None:
@@ -140,37 +248,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (each paired with a floor step)")
     ap.add_argument("--infer-steps", type=int, default=5, help="timed forwards per inference block")
     ap.add_argument("--infer-rounds", type=int, default=7, help="alternating base/unmerged/merged blocks")
     ap.add_argument("--infer-tokens", type=int, default=128, help="tokens of the 1-sequence inference forward")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
-    ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args, args.one)))
+    if args.serve:
+        serve(args, args.serve)
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    rows = []
-    for name in args.configs:
-        sizes = ["hidden", "inter", "layers", "vocab", "batch", "seq", "r", "steps", "infer_steps", "infer_rounds",
-                 "infer_tokens", "threads"]
-        cmd = [sys.executable, __file__, "--one", name]
-        for key in sizes:
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  done {name}", file=sys.stderr)
-    floor = next((r for r in rows if r["name"] == "floor"), None)
+    rows = measure(args, env)
     print(f"\nLlama hidden {args.hidden}, inter {args.inter}, {args.layers} layers, vocab {args.vocab}, fp32, "
           f"batch {args.batch}x{args.seq}, r={args.r} on 7 projections, AdamW, {args.threads} threads\n")
     print("| config | step s | step / floor | peak RSS MB | infer / base | merged infer / base | merge+unmerge s | adapter MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{r['step_s'] / floor['step_s']:.2f}x" if floor else "-"
+        ratio = f"{r['step_ratio']:.2f}x" if "step_ratio" in r else "-"
         inf = f"{r['infer_ratio']:.3f}x" if "infer_ratio" in r else "-"
         minf = f"{r['infer_merged_ratio']:.3f}x" if "infer_merged_ratio" in r else "-"
         sw = f"{r['switch_s']:.3f}" if "switch_s" in r else "-"
