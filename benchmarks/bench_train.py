@@ -174,12 +174,15 @@ class _Worker:
         self._read()  # "ready": built and warmed up
 
     def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self.log.seek(0)
-            sys.exit(f"{self.name} failed (exit code {self.proc.returncode}):\n{self.log.read()[-3000:]}")
-        return json.loads(line)
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                self.log.seek(0)
+                sys.exit(f"{self.name} failed (exit code {self.proc.returncode}):\n{self.log.read()[-3000:]}")
+            if line.startswith("{"):
+                return json.loads(line)
+            sys.stderr.write(f"[{self.name}] {line}")  # a library's own print, not an answer
 
     def _ask(self, command: str) -> dict:
         self.proc.stdin.write(command + "\n")

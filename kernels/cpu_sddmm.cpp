@@ -14,7 +14,8 @@
 // Tiles: tokens are taken TB at a time and the token-major inputs transposed (8x8 AVX
 // register blocks for fp32) into buffers with one TB-long row per feature
 //   gyt / it: (n_rows, TB)   xt / it: (n_cols, TB)      (zero-padded past the last token)
-// so every entry costs one contiguous, vectorised TB-long dot product (sddmm) or axpy (spmm);
+// so every entry costs one contiguous, vectorised TB-long dot product (sddmm), multiply-add into
+// register-held sums (forward spmm) or axpy (transposed spmm);
 // no (n_rows, n_cols) tensor and no full transposed copy is ever made. The tile buffers are
 // per-thread scratch kept between calls (fresh allocations of this size page-faulted on every
 // call: measured 0.41 -> 0.24 ms for a 1024x1024, r=32 forward of 64 tokens). Rows of S are walked

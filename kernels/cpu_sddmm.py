@@ -11,9 +11,10 @@ Why a small C++ kernel: on the CPU, ``torch.sparse.sampled_addmm`` (MKL) costs a
 as the layer's forward matmul, and torch.compile's gather-reduce needs transposed copies of
 grad_y and x that cost as much again; the kernel transposes tiles of 128 tokens into
 L2-sized buffers instead (see the .cpp header). benchmarks/bench_sddmm.py compares them.
-The sparse products use the same tiles (vectorised axpys), read S's rows both ways, so no
-CSR of S^T is kept (measured 0.4-0.7x of the layer's dense forward vs MKL CSR's 0.5-1.1x,
-T=1024, r=32, 2 threads). With fewer token tiles than threads (small batches), the threads
+The sparse products use the same tiles and read S's rows both ways, so no CSR of S^T is kept:
+the forward keeps each output row's sums in registers while the row's entries stream past,
+grad_x is vectorised axpys (measured 0.08-0.26x of the layer's dense forward vs MKL CSR's
+0.3-0.6x, T=128, r=32, 2 threads, AVX2). With fewer token tiles than threads (small batches), the threads
 share each tile and split S's rows instead (see the .cpp header).
 
 The library is compiled on first use (about a second; ``-march=native``) into
