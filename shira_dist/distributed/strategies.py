@@ -31,8 +31,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..calibration import CALIBRATED_MASKS
 from ..model import ShiraModel
 from ..training import optim_state, register_strategy
+from ..training.schema import RunConfig
 from ..training.strategy import DdpStrategy, OptimizerFactory, SingleStrategy, trainable_parameters
 from .adapter_io import gather_adapter_state_dict
 from .consistency import MaskMismatchError, check_adapters_consistent, sync_adapters
@@ -44,6 +46,24 @@ DEFAULT_DEEPSPEED_CONFIG = {"zero_optimization": {"stage": 2, "overlap_comm": Fa
                             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
 _JOB_OWNED = ("optimizer", "scheduler")  # the job builds these from training.*
 _MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-entry state
+
+
+def job_deepspeed_config(run_cfg: RunConfig) -> dict:
+    """The DeepSpeed config a training run uses: ``distributed.deepspeed_config`` (or the default)
+    with the run's micro batch, accumulation, clipping and ``distributed.zero_stage`` filled in."""
+    opts, training = run_cfg.distributed, run_cfg.training
+    source = opts.deepspeed_config if opts.deepspeed_config is not None else DEFAULT_DEEPSPEED_CONFIG
+    # max_grad_norm and accumulation are the job's: DeepSpeed clips at step(), and each
+    # backward only accumulates (the loop scales the loss itself).
+    cfg = deepspeed_config(source, micro_batch_size=training.micro_batch_size,
+                           gradient_accumulation_steps=training.gradient_accumulation_steps,
+                           zero_stage=opts.zero_stage, gradient_clipping=training.max_grad_norm or 0.0)
+    owned = [k for k in _JOB_OWNED if k in cfg]
+    if owned:
+        raise ValueError(f"distributed.deepspeed_config={source!r} has {owned} sections; the training job builds "
+                         "the optimizer and learning-rate schedule from training.* — remove them")
+    cfg["managed_gradient_accumulation"] = False
+    return cfg
 
 
 def _ensure_process_group(device: torch.device) -> None:
@@ -155,7 +175,7 @@ class DeepSpeedStrategy(_ShardedBase):
                              "(set distributed.zero_stage=3 or use configs/deepspeed/zero3*.json)")
         if setting == "auto":  # weights loaded from a directory, whose mask needs no whole-model scores
             return stage == 3 and self.cfg.model.inline_config is None and \
-                self.cfg.shira.mask_type not in ("gradient", "snip")
+                self.cfg.shira.mask_type not in CALIBRATED_MASKS
         return setting
 
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
@@ -173,19 +193,7 @@ class DeepSpeedStrategy(_ShardedBase):
         self.params = trainable
 
     def _config(self) -> dict:
-        opts, training = self.cfg.distributed, self.cfg.training
-        source = opts.deepspeed_config if opts.deepspeed_config is not None else DEFAULT_DEEPSPEED_CONFIG
-        # max_grad_norm and accumulation are the job's: DeepSpeed clips at step(), and each
-        # backward only accumulates (the loop scales the loss itself).
-        cfg = deepspeed_config(source, micro_batch_size=training.micro_batch_size,
-                               gradient_accumulation_steps=training.gradient_accumulation_steps,
-                               zero_stage=opts.zero_stage, gradient_clipping=training.max_grad_norm or 0.0)
-        owned = [k for k in _JOB_OWNED if k in cfg]
-        if owned:
-            raise ValueError(f"distributed.deepspeed_config={source!r} has {owned} sections; the training job builds "
-                             "the optimizer and learning-rate schedule from training.* — remove them")
-        cfg["managed_gradient_accumulation"] = False
-        return cfg
+        return job_deepspeed_config(self.cfg)
 
     def no_sync(self) -> ContextManager:
         return contextlib.nullcontext()  # backward only accumulates; step() is the boundary

@@ -7,7 +7,6 @@ rank is left waiting in a rendezvous for a peer that already exited.
 
 from __future__ import annotations
 
-import json
 import os
 
 from .checkpointing import check_resume_matches, find_resume_dir
@@ -48,18 +47,14 @@ def preflight(cfg: RunConfig, env: DistEnv) -> None:
 
 
 def _check_zero_init(cfg: RunConfig) -> None:
-    """distributed.zero_init=true needs ZeRO stage 3 (from zero_stage, else the JSON, else the default 2)."""
+    """distributed.zero_init=true needs ZeRO stage 3 in the config the run will use."""
     d = cfg.distributed
     if d.strategy != "deepspeed" or d.zero_init is not True:
         return
-    stage = d.zero_stage
-    if stage is None and d.deepspeed_config is not None:
-        with open(d.deepspeed_config) as f:
-            try:
-                stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"distributed.deepspeed_config={d.deepspeed_config!r} is not valid JSON: {e}") from e
-    stage = 2 if stage is None else stage
+    from ..distributed.strategies import job_deepspeed_config  # registers the engines; imports no DeepSpeed
+    from ..distributed.zero import zero_stage_of
+
+    stage = zero_stage_of(job_deepspeed_config(cfg))
     if stage != 3:
         raise ValueError(f"distributed.zero_init=true needs ZeRO stage 3, but this run uses stage {stage} "
                          "(set distributed.zero_stage=3 or use configs/deepspeed/zero3*.json)")
