@@ -89,10 +89,26 @@ class CsrLayout:
 
     shape: tuple[int, int]
     crow: Tensor
-    col: Tensor
+    col_store: Tensor
     order: Optional[Tensor]
     blocks: Optional["DenseBlocks"] = None
     _t: Optional["CsrLayout"] = field(default=None, repr=False)
+
+    @property
+    def col(self) -> Tensor:
+        """(nnz,) int16/int32/int64 columns: ``col_store`` itself, or an int16 view of it when it
+        holds int16 columns as bytes (2*nnz,) uint8 (how a layer stores them, see patterns.py).
+
+        A view made at each read, so a layout that holds a layer's index *parameter* (ZeRO-3
+        swaps its ``.data`` per gather, FSDP2 frees and refills its storage) always reads its
+        current data and keeps no gathered copy alive (saved for backward, the layout holds the
+        parameter only).
+        """
+        return self.col_store.view(torch.int16) if self.col_store.dtype == torch.uint8 else self.col_store
+
+    @col.setter
+    def col(self, value: Tensor) -> None:
+        self.col_store = value
 
     @property
     def nnz(self) -> int:
@@ -166,13 +182,18 @@ def csr_layout(shape: tuple[int, int], crow: Tensor, col: Tensor, order: Optiona
                find_blocks: bool = True) -> CsrLayout:
     """A layout over already compressed tensors (no copies), e.g. a layer's stored pattern.
 
-    With ``find_blocks`` and at least half of the entries in whole rows/columns, the layout
-    also carries :class:`DenseBlocks` so the values' gradient uses dense sub-GEMMs there.
+    ``col``: (nnz,) int, or int16 columns stored as (2*nnz,) uint8 bytes: viewed as int16 once
+    here, except a parameter (an engine's, which swaps its data), kept as it is and viewed at
+    each read (see :attr:`CsrLayout.col`). With ``find_blocks`` and at least half of the
+    entries in whole rows/columns, the layout also carries :class:`DenseBlocks` so the values'
+    gradient uses dense sub-GEMMs there.
     """
-    blocks = None
-    if find_blocks and col.numel():
-        blocks = _find_blocks(expand_indices(crow, col, order), shape)
-    return CsrLayout(tuple(shape), crow, col, order, blocks)
+    if col.dtype == torch.uint8 and not isinstance(col, torch.nn.Parameter):
+        col = col.view(torch.int16)
+    layout = CsrLayout(tuple(shape), crow, col, order)
+    if find_blocks and layout.nnz:
+        layout.blocks = _find_blocks(expand_indices(crow, layout.col, order), shape)
+    return layout
 
 
 def build_csr_layout(indices: Tensor, shape: tuple[int, int], find_blocks: bool = True) -> CsrLayout:

@@ -17,7 +17,8 @@ Two execution modes give the same results (see ``set_fuse_mode``):
 Merging writes ``W0[idx] + scale·values`` into the base weight at the indices only and
 keeps ``W0[idx]``, so unmerging restores the weight bit-exactly. State is registered:
 values are parameters, patterns are buffers (CSR, 2 bytes per entry; read and saved as
-PEFT's (2, nnz) indices, see patterns.py), so ``state_dict()`` and ``.to()`` see them.
+PEFT's (2, nnz) indices, see patterns.py; ZeRO-3 and FSDP2 make the column indices frozen
+parameters so they are sharded too), so ``state_dict()`` and ``.to()`` see them.
 """
 
 from __future__ import annotations

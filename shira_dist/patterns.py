@@ -11,6 +11,10 @@ input index): 8 bytes per entry, on every rank. A layer here registers, per adap
 
 i.e. 2 bytes per entry (masks are generated row-major, so ``order`` is normally absent), and
 the kernels use these buffers directly as their :class:`~shira_dist.kernels.CsrLayout`.
+Under DeepSpeed ZeRO-3 and FSDP2, ``col`` (nearly all of a pattern's bytes) becomes a frozen
+parameter that the engine shards like the base weights (shira_dist/distributed/zero.py and
+fsdp.py): each rank then keeps 1/world of it, whole only while its layer runs forward or
+backward (or inside ``shira_dist.distributed.whole_patterns``).
 PEFT's form appears wherever a user or a file sees indices: ``layer.shira_indices[name]`` is
 a fresh (2, nnz) tensor in the stored order, ``state_dict()`` holds it under
 ``<prefix>shira_indices.<name>``, and ``load_state_dict`` takes it back.
@@ -23,9 +27,11 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .kernels import CsrLayout, compress_indices, csr_layout, expand_indices
 from .masks import validate_indices
+from .partitioned import full_numel, is_partitioned
 
 
 _INT16_LIMIT = 2**15  # in_features up to this: every column index fits an int16
@@ -34,6 +40,11 @@ _INT16_LIMIT = 2**15  # in_features up to this: every column index fits an int16
 def _own(t: Tensor) -> Tensor:
     """``t`` itself if it owns exactly its storage, else a compact copy."""
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
+def _engine_sharded(t: Tensor) -> bool:
+    """A ZeRO-3 partitioned parameter or an FSDP2 DTensor: the engine owns its data."""
+    return is_partitioned(t) or isinstance(t, DTensor)
 
 
 class SparsePattern(nn.Module):
@@ -47,7 +58,21 @@ class SparsePattern(nn.Module):
 
     @property
     def nnz(self) -> int:
-        return self.columns().shape[0]
+        n = full_numel(self.col)
+        return n // 2 if self.col.dtype == torch.uint8 else n
+
+    def is_available(self) -> bool:
+        """False while this rank holds only its shard of ``col`` (outside its layer's
+        forward/backward and outside ``shira_dist.distributed.whole_patterns``)."""
+        if isinstance(self.col, DTensor):
+            return False
+        return not is_partitioned(self.col) or self.col.numel() == full_numel(self.col)
+
+    def _check_available(self, what: str) -> None:
+        if not self.is_available():
+            raise RuntimeError(f"{what} of {self.where}: its indices are sharded by ZeRO-3/FSDP2; read them "
+                               "inside shira_dist.distributed.whole_patterns(model) (collective), or use "
+                               "shira_dist.distributed.save_adapter / gather_adapter_state_dict")
 
     def columns(self) -> Tensor:
         """(nnz,) int16 or int32 column of each row-major entry (a view of the ``col`` buffer)."""
@@ -60,7 +85,12 @@ class SparsePattern(nn.Module):
             crow, col, order = compress_indices(indices, self.shape)
         except ValueError as e:
             raise ValueError(f"shira_indices for {self.where}: {e}") from None
-        device = self.col.device if "col" in self._buffers else indices.device
+        stored = self._parameters.get("col", self._buffers.get("col"))
+        if stored is not None and _engine_sharded(stored):
+            raise RuntimeError(f"cannot replace the indices of {self.where}: ZeRO-3/FSDP2 shards them; load or "
+                               "broadcast adapters before sharding the model")
+        self._parameters.pop("col", None)
+        device = stored.device if stored is not None else indices.device
         col = col.to(device)
         if self.shape[1] <= _INT16_LIMIT:
             col = col.to(torch.int16).view(torch.uint8)
@@ -68,8 +98,23 @@ class SparsePattern(nn.Module):
         self.register_buffer("col", _own(col))  # not a view keeping all of ``indices`` alive
         self.register_buffer("order", None if order is None else _own(order.to(device)))
 
+    def col_as_parameter_(self) -> nn.Parameter:
+        """Hold ``col`` as a frozen parameter (same name and data) instead of a buffer, for an
+        engine that shards parameters only (DeepSpeed ZeRO-3, FSDP2); returns it. Idempotent."""
+        if "col" not in self._parameters:
+            self.col = nn.Parameter(self._buffers.pop("col"), requires_grad=False)
+        return self._parameters["col"]
+
+    def swap_col_(self, col: nn.Parameter) -> nn.Parameter:
+        """Put ``col`` in place of the ``col`` parameter and return the one it replaces (for
+        ``whole_patterns``, which shows a gathered copy while the engine's shard waits aside)."""
+        old = self._parameters["col"]
+        self._parameters["col"] = col
+        return old
+
     def indices(self) -> Tensor:
         """(2, nnz) int indices in the stored order (a new tensor)."""
+        self._check_available("reading the indices")
         return expand_indices(self.crow, self.columns(), self.order)
 
     @torch.no_grad()
@@ -85,16 +130,26 @@ class SparsePattern(nn.Module):
         self.set_(indices.to(self.col.device))
 
     def layout(self) -> CsrLayout:
-        """The kernels' view of these buffers (no copies)."""
-        return csr_layout(self.shape, self.crow, self.columns(), self.order)
+        """The kernels' view of these tensors (no copies). It holds ``col`` itself, not a view
+        of its data, so under ZeRO-3/FSDP2 it reads whatever the engine has gathered at each use."""
+        self._check_available("building the layout")
+        return csr_layout(self.shape, self.crow, self.col, self.order)
 
     def tensors(self) -> list[Tensor]:
-        """The stored buffers (for in-place broadcasts and checksums)."""
+        """The stored tensors (for in-place broadcasts and checksums)."""
         return [t for t in (self.crow, self.col, self.order) if t is not None]
 
+    def named_tensors(self) -> list[tuple[str, Tensor]]:
+        """(name, tensor) of :meth:`tensors`: buffers, and ``col`` a parameter under ZeRO-3/FSDP2."""
+        return [(n, t) for n, t in (("crow", self.crow), ("col", self.col), ("order", self.order)) if t is not None]
+
     def stamp(self) -> tuple:
-        """Changes whenever a buffer is replaced or written in place."""
-        return tuple((t.data_ptr(), t.device, t._version) for t in self.tensors())
+        """Changes whenever a stored tensor is replaced or written in place. A ``col`` that an
+        engine shards cannot change (:meth:`set_` refuses), while each gather may give it new
+        storage: a parameter is stamped by identity (FSDP2 shows the same unsharded parameter
+        object in every forward and backward, ZeRO-3 the same partitioned one)."""
+        return tuple((id(t),) if isinstance(t, nn.Parameter) else (t.data_ptr(), t.device, t._version)
+                     for t in self.tensors())
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, nnz={self.nnz}, row_major={self.order is None}"
@@ -143,9 +198,9 @@ class PatternDict(nn.Module):
 def _indices_to_state_dict(module: PatternDict, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict post-hook: ``<prefix>patterns.<name>.{crow,col,order}`` -> ``<prefix><name>`` (2, nnz)."""
     for name, pattern in module.patterns.items():
-        keys = [f"{prefix}patterns.{name}.{buffer}" for buffer, _ in pattern.named_buffers()]
-        if not all(key in state_dict for key in keys):
-            continue
+        keys = [f"{prefix}patterns.{name}.{tensor}" for tensor, _ in pattern.named_tensors()]
+        if not all(key in state_dict for key in keys) or not pattern.is_available():
+            continue  # a ZeRO-3 partition / FSDP2 shard stays as it is, like the engine's other parameters
         for key in keys:
             del state_dict[key]
         state_dict[prefix + name] = pattern.indices()
@@ -168,5 +223,5 @@ def _indices_from_state_dict(module: PatternDict, state_dict: dict, prefix: str,
             errors.append(str(e))
             continue
         inner = f"{prefix}patterns.{name}."
-        for key, t in pattern.named_buffers():
+        for key, t in pattern.named_tensors():
             state_dict[inner + key] = t

@@ -171,8 +171,16 @@ def test_base_weights_outside_mask_bit_identical_on_every_rank(jobs, kind, run):
         if strategy.startswith("fsdp2"):  # the frozen base is a sharded DTensor: half the rows per rank
             assert rec["weight_type"] == "DTensor"
             assert all(rows * 2 == total for _, rows, total in rec["local_rows"])
-        if strategy.startswith("zero3"):  # frozen weights are partitioned too
+            held = rec["index_bytes"]  # and so are the index columns (uint8 bytes: even sizes split exactly)
+            assert held["type"] == "DTensor" and held["whole"] > 0 and held["partition"] * 2 == held["whole"], held
+            assert "sharded by ZeRO-3/FSDP2" in held["unguarded_read"] and "whole_patterns" in held["unguarded_read"]
+        if strategy.startswith("zero3"):  # frozen weights are partitioned too, and so are the index columns
             assert set(rec["numel_outside_forward"]) == {0}
+            held = rec["index_bytes"]
+            assert held["visible"] == 0 and held["whole"] > 0
+            # each rank keeps its half (DeepSpeed pads each of the 2 x 7 tensors by at most 1 byte)
+            assert held["whole"] / 2 <= held["partition"] <= held["whole"] / 2 + 2 * 7, held
+            assert "sharded by ZeRO-3/FSDP2" in held["unguarded_read"] and "whole_patterns" in held["unguarded_read"]
     if strategy.startswith(("fsdp2", "zero3")):  # each rank checked its own half
         assert sum(r["outside_mask_compared"] for r in records) > records[0]["outside_mask_compared"]
 

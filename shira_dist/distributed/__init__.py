@@ -20,7 +20,8 @@ Masks, data-driven ones included, are computed before sharding (``get_peft_model
 """
 
 from .adapter_io import gather_adapter_state_dict, is_zero3_partitioned, save_adapter
-from .common import data_parallel_slice, rank_and_world, unwrap_shira_model, use_unfused_path
+from .common import (data_parallel_slice, pattern_columns, rank_and_world, unwrap_shira_model, use_unfused_path,
+                     whole_patterns)
 from .consistency import MaskMismatchError, broadcast_adapters, check_adapters_consistent, sync_adapters
 from .fsdp import decoder_layers, shard_fsdp1, shard_fsdp2
 from .traffic import CollectiveCounts, count_collectives, route_ddp_through_python, trainable_bytes
@@ -43,6 +44,8 @@ __all__ = [
     "save_adapter",
     "is_zero3_partitioned",
     "unwrap_shira_model",
+    "pattern_columns",
+    "whole_patterns",
     "use_unfused_path",
     "data_parallel_slice",
     "rank_and_world",

@@ -1,5 +1,6 @@
 """Small helpers every strategy shares: find the ShiraModel inside an engine, rank/world,
-the data-parallel slice of a global batch, and switching layers to the unfused path.
+the data-parallel slice of a global batch, switching layers to the unfused path, and reading
+indices that ZeRO-3/FSDP2 shard (:func:`whole_patterns`).
 
     DDP(ShiraModel).module            ─┐
     DeepSpeedEngine(ShiraModel).module ├─► unwrap_shira_model(...) -> the ShiraModel
@@ -8,11 +9,17 @@ the data-parallel slice of a global batch, and switching layers to the unfused p
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..layer import ShiraLinear
 from ..model import ShiraModel
+from ..partitioned import gathered
+from ..patterns import SparsePattern
 
 
 def unwrap_shira_model(model: nn.Module) -> ShiraModel:
@@ -25,6 +32,38 @@ def unwrap_shira_model(model: nn.Module) -> ShiraModel:
                             "shira_dist.get_peft_model / ShiraModel.from_pretrained")
         seen = inner
     return seen
+
+
+def _patterns(model: nn.Module) -> list[SparsePattern]:
+    return [layer.shira_indices.pattern(name) for _, layer in unwrap_shira_model(model).shira_layers()
+            for name in layer.shira_indices]
+
+
+def pattern_columns(model: nn.Module) -> list[Tensor]:
+    """Every SHiRA pattern's ``col`` tensor (the part of the indices ZeRO-3 and FSDP2 shard),
+    in a fixed order."""
+    return [p.col for p in _patterns(model)]
+
+
+@contextlib.contextmanager
+def whole_patterns(model: nn.Module) -> Iterator[None]:
+    """Inside the block every SHiRA pattern is whole on this rank, so indices can be read
+    (``layer.shira_indices[name]``, ``adapter_state_dict``): ZeRO-3 partitions are gathered
+    (``GatheredParameters``), FSDP2 shards are all-gathered into temporary copies shown in their
+    place (the engine's shards are put back on exit). Collective: every rank enters it. A
+    no-op where the indices are buffers (single process, DDP, FSDP1, ZeRO-1/2)."""
+    patterns = _patterns(model)
+    swapped: list[tuple[SparsePattern, nn.Parameter]] = []
+    try:
+        for p in patterns:
+            if isinstance(p.col, DTensor):
+                whole = nn.Parameter(p.col.full_tensor(), requires_grad=False)
+                swapped.append((p, p.swap_col_(whole)))
+        with gathered([p.col for p in patterns]):
+            yield
+    finally:
+        for p, shard in swapped:
+            p.swap_col_(shard)
 
 
 def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:

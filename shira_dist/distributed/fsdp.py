@@ -4,13 +4,18 @@
     fully_shard(decoder layer i)  for every i     base weight: DTensor Shard(0), rows/world
     fully_shard(ShiraModel)       (root: embed,   SHiRA values: DTensor Shard(0) (1-D), its
                                    norm, head)    gradient reduce-scattered: adapter-sized
-                                                  indices: buffers, whole on every rank
+                                                  index columns: frozen uint8 parameters,
+                                                  DTensor Shard(0); crow: replicated buffer
 
-One unit per decoder layer holds its frozen weights and its SHiRA values together (FSDP2
-allows mixed requires_grad); only values get gradients, so the reduce-scatter per step is
-the adapter's size. The layers run the unfused path: during forward FSDP2 swaps in a plain
-unsharded weight (so a fused write is not refused), frees it after forward and re-gathers W0
-for backward, so the write is lost (measured: grad errors of 20-30% from the second step).
+One unit per decoder layer holds its frozen weights, its SHiRA values and its patterns'
+column indices together (FSDP2 allows mixed requires_grad, and frozen parameters of another
+dtype: it all-gathers a unit as bytes); only values get gradients, so the reduce-scatter per
+step is the adapter's size. The columns (2 bytes per entry) are gathered with the layer for
+its forward and backward and otherwise kept 1/world per rank, like the weights; replicated,
+they would cost every rank about half the adapter's fp32 size. The layers run the unfused
+path: during forward FSDP2 swaps in a plain unsharded weight (so a fused write is not
+refused), frees it after forward and re-gathers W0 for backward, so the write is lost
+(measured: grad errors of 20-30% from the second step).
 
 FSDP1 flattens each unit into one FlatParameter, and a flat parameter with any trainable
 entry gets a gradient buffer of the whole flat size; so :func:`shard_fsdp1` wraps every
@@ -73,6 +78,9 @@ def shard_fsdp2(model: nn.Module, mesh: Optional[DeviceMesh] = None,
     if mesh is None:
         mesh = init_device_mesh(_device_type(shira), (rank_and_world()[1],))
     use_unfused_path(shira)
+    for _, layer in shira.shira_layers():  # index columns sharded with their layer (see the module doc)
+        for name in layer.shira_indices:
+            layer.shira_indices.pattern(name).col_as_parameter_()
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     mp_policy = mp_policy or MixedPrecisionPolicy()
     for layer in decoder_layers(shira, layer_classes):

@@ -7,7 +7,12 @@
               a layer's weight is gathered for its forward/backward and freed after
               SHiRA values: used by ShiraLinear.forward itself (not by a submodule's
               forward), so they are registered as its external parameters and gathered
-              with it; indices: buffers, never partitioned, identical on every rank
+              with it; indices: each pattern's ``col`` (2 bytes per entry, nearly all of
+              the indices) becomes a frozen parameter, registered the same way, so it is
+              partitioned too and whole only while its layer computes (ZeRO-3 gathers it
+              with the values for forward and again for backward); ``crow`` (one int32
+              per output row) stays a replicated buffer. Replicated, the indices would cost
+              every rank as much as ~half the adapter's fp32 values, whatever the world size
 
 Under ZeRO (stage >= 1) the layers run the unfused path. Stage 3 releases the gathered
 weight after the forward, so an in-place fused write would be lost before backward; stages
@@ -84,17 +89,21 @@ def _check_optimizer_config(config: dict, optimizer: Optional[torch.optim.Optimi
 
 
 def register_zero3_external_values(model: nn.Module) -> int:
-    """Tell ZeRO-3 that each ShiraLinear's forward reads its own ``shira_weight`` values.
+    """Tell ZeRO-3 that each ShiraLinear's forward (and backward) reads its own ``shira_weight``
+    values and its patterns' column indices, the latter made frozen parameters first so the
+    engine partitions them (``SparsePattern.col_as_parameter_``).
 
-    They live in a ParameterDict whose forward never runs, so without this ZeRO-3 only
-    finds them through its on-access fallback. Returns the number registered.
+    Both live in submodules whose forward never runs, so without this ZeRO-3 would not gather
+    them with the layer. Returns the number of tensors registered.
     """
     import deepspeed
 
     count = 0
     for _, layer in unwrap_shira_model(model).shira_layers():
-        for values in layer.shira_weight.values():
-            deepspeed.zero.register_external_parameter(layer, values)
+        tensors = list(layer.shira_weight.values())
+        tensors += [layer.shira_indices.pattern(name).col_as_parameter_() for name in layer.shira_indices]
+        for t in tensors:
+            deepspeed.zero.register_external_parameter(layer, t)
             count += 1
     return count
 

@@ -36,12 +36,15 @@ from shira_dist.distributed import (  # noqa: E402
     deepspeed_config,
     deepspeed_initialize,
     gather_adapter_state_dict,
+    pattern_columns,
     save_adapter,
     shard_fsdp1,
     shard_fsdp2,
     sync_adapters,
     unwrap_shira_model,
+    whole_patterns,
 )
+from shira_dist.partitioned import full_numel  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "deepspeed")
 ZERO_CONFIGS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json",
@@ -70,6 +73,8 @@ def wrap(strategy: str, model):
     if strategy in ZERO_CONFIGS:
         cfg = deepspeed_config(os.path.join(CONFIG_DIR, ZERO_CONFIGS[strategy]),
                                micro_batch_size=harness.GLOBAL_BATCH // dist.get_world_size())
+        if strategy.startswith("zero3"):  # the tiny model's index columns (512-768 bytes) partitioned, as a real model's are
+            cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 100
         engine, _, _ = deepspeed_initialize(model, cfg, optimizer=harness.optimizer(trainable()))
         return engine, None
     raise ValueError(f"unknown strategy {strategy!r}")
@@ -81,9 +86,23 @@ def base_weight_facts(strategy: str, engine, shira) -> dict:
     ref = harness.base_model()
     compared = differing = 0
     facts: dict = {}
+    cols = pattern_columns(shira)  # the index columns this rank holds outside forward, of all
+    if strategy.startswith("zero3"):
+        facts["index_bytes"] = dict(visible=sum(c.numel() for c in cols), partition=sum(c.ds_tensor.numel() for c in cols),
+                                    whole=sum(full_numel(c) for c in cols))
+    elif strategy.startswith("fsdp2"):
+        facts["index_bytes"] = dict(type=type(cols[0]).__name__, partition=sum(c.to_local().numel() for c in cols),
+                                    whole=sum(c.numel() for c in cols))
+    if "index_bytes" in facts:  # reading sharded indices outside whole_patterns is a clear error, not garbage
+        try:
+            next(iter(shira.shira_layers()))[1].shira_indices["default"]
+        except RuntimeError as e:
+            facts["index_bytes"]["unguarded_read"] = str(e)
+    with whole_patterns(shira):  # collective; a no-op where the indices are buffers
+        indices = {path: layer.shira_indices["default"] for path, layer in shira.shira_layers()}
     for path, layer in shira.shira_layers():
         ref_w = ref.get_submodule(path.replace("_fsdp_wrapped_module.", "")).weight.detach()
-        idx = layer.shira_indices["default"]
+        idx = indices[path]
         w = layer.base_layer.weight
         if strategy.startswith("fsdp2"):
             facts["weight_type"] = type(w).__name__
