@@ -216,6 +216,9 @@ def test_trainable_parameter_report(llama, capsys):
     assert total == sum(p.numel() for p in llama.parameters())
     model.print_trainable_parameters()
     assert f"trainable params: {trainable:,d}" in capsys.readouterr().out
+    for _, layer in model.shira_layers():  # what ZeRO-3/FSDP2 sharding does: indices held as parameters
+        layer.shira_indices.pattern("default").col_as_parameter_()
+    assert model.get_nb_trainable_parameters() == (trainable, total)  # still counted as indices, not weights
 
 
 def test_wrapping_twice_is_an_error(llama):
