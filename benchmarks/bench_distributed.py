@@ -17,6 +17,9 @@ process uses cores/W threads so 1 and 2 processes share the same cores. Per rank
                  file-backed pages (library code, shared by the ranks of a node), i.e. the memory
                  the rank itself allocated
   built/wrapped  RSS after building the model, and after the engine took it
+  index          bytes of SHiRA indices the rank holds outside forward (shira_dist: the CSR
+                 column indices, sharded by ZeRO-3/FSDP2; PEFT SHiRA: its (2, nnz) int32 indices,
+                 kept whole on every rank; LoRA: none)
   step           median wall time of the timed steps
   reduced        bytes through all-reduce / reduce-scatter per step (gradient traffic)
   gathered       bytes through all-gather per step (sharded weights re-assembled)
@@ -162,6 +165,26 @@ def _wrap(strategy: str, method: str, model, micro_batch: int):
     return engine, None
 
 
+def _held_bytes(t) -> int:
+    """Bytes of ``t`` this rank holds: its ZeRO-3 partition, its FSDP2 shard, or all of it."""
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(t, "ds_tensor"):
+        t = t.ds_tensor
+    elif isinstance(t, DTensor):
+        t = t.to_local()
+    return t.numel() * t.element_size()
+
+
+def _index_bytes(model, method: str) -> int:
+    if method == "shira_dist":
+        from shira_dist.distributed import pattern_columns
+
+        return sum(_held_bytes(c) for c in pattern_columns(model))
+    return sum(_held_bytes(t) for m in model.modules() if isinstance(getattr(m, "shira_indices", None), dict)
+               for t in m.shira_indices.values())  # PEFT SHiRA's per-layer dict; LoRA has none
+
+
 def worker(args) -> None:
     import torch
 
@@ -190,6 +213,7 @@ def worker(args) -> None:
     built_rss = RssSampler.rss()
     engine, opt = _wrap(args.strategy, args.method, model, args.batch // world)
     wrapped_rss = RssSampler.rss()
+    index_bytes = _index_bytes(model, args.method)
     rows = data_parallel_slice(args.batch, rank, world)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)[rows]
@@ -219,7 +243,7 @@ def worker(args) -> None:
            "train_rss_mb": sampler.peak / 2**20, "train_private_mb": sampler.peak_private / 2**20,
            "built_rss_mb": built_rss / 2**20,
            "wrapped_rss_mb": wrapped_rss / 2**20, "reduced_b": counts.gradient_bytes,
-           "gathered_b": counts.bytes.get("all_gather", 0), "adapter_b": adapter_bytes}
+           "gathered_b": counts.bytes.get("all_gather", 0), "adapter_b": adapter_bytes, "index_b": index_bytes}
     print("RESULT " + json.dumps(res), flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -294,18 +318,20 @@ def main() -> None:
           f"{'zero3 base built partitioned (zero.Init); ' if args.zero_init else ''}per-rank values are the "
           f"max over ranks\n")
     print("| strategy | method | ranks | peak RSS MB/rank | train RSS MB/rank | train private MB/rank "
-          "| RSS built / wrapped MB | step s | reduced MB/step/rank | gathered MB/step/rank | trainable MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| RSS built / wrapped MB | step s | reduced MB/step/rank | gathered MB/step/rank | trainable MB "
+          "| index MB/rank |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for strategy, method, world, res in rows:
         if isinstance(res, str):
-            print(f"| {strategy} | {method} | {world} | fails: {res} |" + " |" * 7)
+            print(f"| {strategy} | {method} | {world} | fails: {res} |" + " |" * 8)
             continue
         mb = lambda key: max(r[key] for r in res) / 2**20  # noqa: E731
         print(f"| {strategy} | {method} | {world} | {max(r['peak_rss_mb'] for r in res):.0f} | "
               f"{max(r['train_rss_mb'] for r in res):.0f} | {max(r['train_private_mb'] for r in res):.0f} | "
               f"{max(r['built_rss_mb'] for r in res):.0f} / "
               f"{max(r['wrapped_rss_mb'] for r in res):.0f} | {max(r['step_s'] for r in res):.2f} | "
-              f"{mb('reduced_b'):.2f} | {mb('gathered_b'):.1f} | {res[0]['adapter_b'] / 2**20:.2f} |")
+              f"{mb('reduced_b'):.2f} | {mb('gathered_b'):.1f} | {res[0]['adapter_b'] / 2**20:.2f} | "
+              f"{mb('index_b'):.2f} |")
 
 
 if __name__ == "__main__":
