@@ -174,6 +174,7 @@ def test_base_weights_outside_mask_bit_identical_on_every_rank(jobs, kind, run):
             held = rec["index_bytes"]  # and so are the index columns (uint8 bytes: even sizes split exactly)
             assert held["type"] == "DTensor" and held["whole"] > 0 and held["partition"] * 2 == held["whole"], held
             assert "sharded by ZeRO-3/FSDP2" in held["unguarded_read"] and "whole_patterns" in held["unguarded_read"]
+            assert held["state_dict_keys"] == ["col", "crow"]  # state_dict() keeps the shard (as for weights)
         if strategy.startswith("zero3"):  # frozen weights are partitioned too, and so are the index columns
             assert set(rec["numel_outside_forward"]) == {0}
             held = rec["index_bytes"]
@@ -181,6 +182,7 @@ def test_base_weights_outside_mask_bit_identical_on_every_rank(jobs, kind, run):
             # each rank keeps its half (DeepSpeed pads each of the 2 x 7 tensors by at most 1 byte)
             assert held["whole"] / 2 <= held["partition"] <= held["whole"] / 2 + 2 * 7, held
             assert "sharded by ZeRO-3/FSDP2" in held["unguarded_read"] and "whole_patterns" in held["unguarded_read"]
+            assert held["state_dict_keys"] == ["col", "crow"]  # state_dict() keeps the shard (as for weights)
     if strategy.startswith(("fsdp2", "zero3")):  # each rank checked its own half
         assert sum(r["outside_mask_compared"] for r in records) > records[0]["outside_mask_compared"]
 

@@ -98,6 +98,8 @@ def base_weight_facts(strategy: str, engine, shira) -> dict:
             next(iter(shira.shira_layers()))[1].shira_indices["default"]
         except RuntimeError as e:
             facts["index_bytes"]["unguarded_read"] = str(e)
+        sharded_keys = [k for k in shira.state_dict() if ".shira_indices." in k]  # the engine's sharded form, no error
+        facts["index_bytes"]["state_dict_keys"] = sorted({k.rsplit(".", 1)[-1] for k in sharded_keys})
     with whole_patterns(shira):  # collective; a no-op where the indices are buffers
         indices = {path: layer.shira_indices["default"] for path, layer in shira.shira_layers()}
     for path, layer in shira.shira_layers():
