@@ -310,7 +310,7 @@ class ShiraModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         # full_numel: a ZeRO-3 partitioned parameter counts whole (its numel() is this rank's part).
         # Index columns that ZeRO-3/FSDP2 made parameters (to shard them) are indices, not weights.
-        indices = {id(layer.shira_indices.pattern(n).col) for _, layer in self.shira_layers() for n in layer.shira_indices}
+        indices = {id(p.col) for _, layer in self.shira_layers() for p in layer.shira_indices.patterns.values()}
         trainable = sum(full_numel(p) for p in self.parameters() if p.requires_grad)
         return trainable, sum(full_numel(p) for p in self.parameters() if id(p) not in indices)
 

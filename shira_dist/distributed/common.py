@@ -34,15 +34,15 @@ def unwrap_shira_model(model: nn.Module) -> ShiraModel:
     return seen
 
 
-def _patterns(model: nn.Module) -> list[SparsePattern]:
-    return [layer.shira_indices.pattern(name) for _, layer in unwrap_shira_model(model).shira_layers()
-            for name in layer.shira_indices]
+def shira_patterns(model: nn.Module) -> list[SparsePattern]:
+    """Every adapter's stored pattern in every SHiRA layer, in a fixed order."""
+    return [p for _, layer in unwrap_shira_model(model).shira_layers() for p in layer.shira_indices.patterns.values()]
 
 
 def pattern_columns(model: nn.Module) -> list[Tensor]:
     """Every SHiRA pattern's ``col`` tensor (the part of the indices ZeRO-3 and FSDP2 shard),
     in a fixed order."""
-    return [p.col for p in _patterns(model)]
+    return [p.col for p in shira_patterns(model)]
 
 
 @contextlib.contextmanager
@@ -52,7 +52,7 @@ def whole_patterns(model: nn.Module) -> Iterator[None]:
     (``GatheredParameters``), FSDP2 shards are all-gathered into temporary copies shown in their
     place (the engine's shards are put back on exit). Collective: every rank enters it. A
     no-op where the indices are buffers (single process, DDP, FSDP1, ZeRO-1/2)."""
-    patterns = _patterns(model)
+    patterns = shira_patterns(model)
     swapped: list[tuple[SparsePattern, nn.Parameter]] = []
     try:
         for p in patterns:

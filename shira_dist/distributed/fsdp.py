@@ -34,7 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from ..model import ShiraModel
-from .common import rank_and_world, unwrap_shira_model, use_unfused_path
+from .common import rank_and_world, shira_patterns, unwrap_shira_model, use_unfused_path
 
 
 def decoder_layers(model: nn.Module, layer_classes: Optional[Iterable[type]] = None) -> list[nn.Module]:
@@ -78,9 +78,8 @@ def shard_fsdp2(model: nn.Module, mesh: Optional[DeviceMesh] = None,
     if mesh is None:
         mesh = init_device_mesh(_device_type(shira), (rank_and_world()[1],))
     use_unfused_path(shira)
-    for _, layer in shira.shira_layers():  # index columns sharded with their layer (see the module doc)
-        for name in layer.shira_indices:
-            layer.shira_indices.pattern(name).col_as_parameter_()
+    for pattern in shira_patterns(shira):  # index columns sharded with their layer (see the module doc)
+        pattern.col_as_parameter_()
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     mp_policy = mp_policy or MixedPrecisionPolicy()
     for layer in decoder_layers(shira, layer_classes):

@@ -101,7 +101,7 @@ def register_zero3_external_values(model: nn.Module) -> int:
     count = 0
     for _, layer in unwrap_shira_model(model).shira_layers():
         tensors = list(layer.shira_weight.values())
-        tensors += [layer.shira_indices.pattern(name).col_as_parameter_() for name in layer.shira_indices]
+        tensors += [pattern.col_as_parameter_() for pattern in layer.shira_indices.patterns.values()]
         for t in tensors:
             deepspeed.zero.register_external_parameter(layer, t)
             count += 1
