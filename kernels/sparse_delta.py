@@ -66,17 +66,23 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         out_f, in_f = layout.shape
         cdt = _compute_dtype(x2d)
         xc = x2d.to(cdt)
-        if _native(xc, layout):  # (T, out), row by row of S; the scale is applied in the kernel
-            y = cpu_sddmm.spmm(xc, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f, scale=scale)
-        else:
-            v = values.to(cdt) * scale
-            y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)
+        with layout.readable():
+            if _native(xc, layout):  # (T, out), row by row of S; the scale is applied in the kernel
+                y = cpu_sddmm.spmm(xc, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f, scale=scale)
+            else:
+                v = values.to(cdt) * scale
+                y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)
         ctx.save_for_backward(x2d, values)
         ctx.layout, ctx.scale = layout, scale
         return y.to(x2d.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
+        with ctx.layout.readable():  # e.g. FSDP2 gathers the columns again for the backward
+            return _SparseDeltaMatmul._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y: Tensor):
         x2d, values = ctx.saved_tensors
         layout: CsrLayout = ctx.layout
         out_f, in_f = layout.shape
@@ -157,7 +163,8 @@ class _FusedValuesGrad(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             cdt = _compute_dtype(grad_y)
             gy = grad_y.reshape(-1, grad_y.shape[-1]).to(cdt)
-            grad_v = sddmm(gy, x2d.to(cdt), ctx.layout).mul_(ctx.scale).to(ctx.values_dtype)
+            with ctx.layout.readable():
+                grad_v = sddmm(gy, x2d.to(cdt), ctx.layout).mul_(ctx.scale).to(ctx.values_dtype)
         return grad_y, None, grad_v, None, None
 
 
@@ -197,6 +204,12 @@ def sparse_delta_add_(y: Tensor, x: Tensor, values: Tensor, layout: CsrLayout, s
                          f"shape {layout.shape}")
     if x.numel() == 0:
         return y
+    with layout.readable():
+        return _delta_add_(y, x, values, layout, scale)
+
+
+def _delta_add_(y: Tensor, x: Tensor, values: Tensor, layout: CsrLayout, scale: float) -> Tensor:
+    out_f, in_f = layout.shape
     x2d = x.reshape(-1, in_f)
     direct = y.is_contiguous() and y.dtype == x.dtype == _compute_dtype(x)
     if direct and _native(x2d, layout):

@@ -260,11 +260,14 @@ class ShiraLinear(nn.Module):
         self.unfuse()
         y = self.base_layer(x)
         for name in active:
-            values, layout, scale = self.shira_weight[name], self._layout(name), self.scaling[name]
-            if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or values.requires_grad):
-                y = y + sparse_delta_matmul(x, values, layout, scale).to(y.dtype)
-            else:  # inference: the kernel adds into the base layer's fresh output, no delta tensor
-                y = sparse_delta_add_(y, x, values, layout, scale)
+            # whole(): under FSDP2 this adapter's columns are gathered for this product only (and
+            # again by the kernel for its backward); a no-op elsewhere
+            with self.shira_indices.pattern(name).whole():
+                values, layout, scale = self.shira_weight[name], self._layout(name), self.scaling[name]
+                if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or values.requires_grad):
+                    y = y + sparse_delta_matmul(x, values, layout, scale).to(y.dtype)
+                else:  # inference: the kernel adds into the base layer's fresh output, no delta tensor
+                    y = sparse_delta_add_(y, x, values, layout, scale)
         return y
 
     # ---- merge ------------------------------------------------------------------------

@@ -14,7 +14,8 @@ the kernels use these buffers directly as their :class:`~shira_dist.kernels.CsrL
 Under DeepSpeed ZeRO-3 and FSDP2, ``col`` (nearly all of a pattern's bytes) becomes a frozen
 parameter that the engine shards like the base weights (shira_dist/distributed/zero.py and
 fsdp.py): each rank then keeps 1/world of it, whole only while its layer runs forward or
-backward (or inside ``shira_dist.distributed.whole_patterns``).
+backward (ZeRO-3), or only around its own sparse product (FSDP2: the pattern is a unit of its
+own, see :meth:`SparsePattern.whole`), and inside ``shira_dist.distributed.whole_patterns``.
 PEFT's form appears wherever a user or a file sees indices: ``layer.shira_indices[name]`` is
 a fresh (2, nnz) tensor in the stored order, ``state_dict()`` holds it under
 ``<prefix>shira_indices.<name>``, and ``load_state_dict`` takes it back.
@@ -22,11 +23,13 @@ a fresh (2, nnz) tensor in the stored order, ``state_dict()`` holds it under
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import contextlib
+from typing import ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .kernels import CsrLayout, compress_indices, csr_layout, expand_indices
@@ -54,6 +57,7 @@ class SparsePattern(nn.Module):
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
         self.where = where
+        self._whole_depth = 0  # open whole() blocks
         self.set_(indices)
 
     @property
@@ -105,12 +109,16 @@ class SparsePattern(nn.Module):
             self.col = nn.Parameter(self._buffers.pop("col"), requires_grad=False)
         return self._parameters["col"]
 
-    def swap_col_(self, col: nn.Parameter) -> nn.Parameter:
-        """Put ``col`` in place of the ``col`` parameter and return the one it replaces (for
-        ``whole_patterns``, which shows a gathered copy while the engine's shard waits aside)."""
-        old = self._parameters["col"]
-        self._parameters["col"] = col
-        return old
+    def whole(self) -> ContextManager[None]:
+        """Inside the block ``col`` holds the whole pattern on this rank.
+
+        A pattern that :func:`shira_dist.distributed.shard_fsdp2` made an FSDP2 unit of its own
+        is all-gathered on entering and resharded when the outermost block exits (blocks nest:
+        the layer holds one around its product, the kernels open their own, for the backward
+        too); collective then: every rank enters it. Anywhere else a no-op (ZeRO-3 gathers the
+        columns with their layer's forward and backward).
+        """
+        return _UnitGather(self) if isinstance(self, FSDPModule) else contextlib.nullcontext()
 
     def indices(self) -> Tensor:
         """(2, nnz) int indices in the stored order (a new tensor)."""
@@ -131,9 +139,12 @@ class SparsePattern(nn.Module):
 
     def layout(self) -> CsrLayout:
         """The kernels' view of these tensors (no copies). It holds ``col`` itself, not a view
-        of its data, so under ZeRO-3/FSDP2 it reads whatever the engine has gathered at each use."""
+        of its data, so under ZeRO-3/FSDP2 it reads whatever the engine has gathered at each use;
+        under FSDP2 it also carries :meth:`whole`, which the kernels enter around each read
+        (build it inside one)."""
         self._check_available("building the layout")
-        return csr_layout(self.shape, self.crow, self.col, self.order)
+        access = self.whole if isinstance(self, FSDPModule) else None
+        return csr_layout(self.shape, self.crow, self.col, self.order, access=access)
 
     def tensors(self) -> list[Tensor]:
         """The stored tensors (for in-place broadcasts and checksums)."""
@@ -153,6 +164,24 @@ class SparsePattern(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, nnz={self.nnz}, row_major={self.order is None}"
+
+
+class _UnitGather:
+    """:meth:`SparsePattern.whole` of an FSDP2 pattern unit: ``unshard()`` when the first block
+    opens, ``reshard()`` when the last one closes."""
+
+    def __init__(self, pattern: SparsePattern) -> None:
+        self.pattern = pattern
+
+    def __enter__(self) -> None:
+        if self.pattern._whole_depth == 0:
+            self.pattern.unshard()
+        self.pattern._whole_depth += 1
+
+    def __exit__(self, *exc) -> None:
+        self.pattern._whole_depth -= 1
+        if self.pattern._whole_depth == 0:
+            self.pattern.reshard()
 
 
 class PatternDict(nn.Module):

@@ -175,6 +175,11 @@ def test_base_weights_outside_mask_bit_identical_on_every_rank(jobs, kind, run):
             assert held["type"] == "DTensor" and held["whole"] > 0 and held["partition"] * 2 == held["whole"], held
             assert "sharded by ZeRO-3/FSDP2" in held["unguarded_read"] and "whole_patterns" in held["unguarded_read"]
             assert held["state_dict_keys"] == ["col", "crow"]  # state_dict() keeps the shard (as for weights)
+            # gathered only around its own projection's product: not with the decoder layer's unit
+            # (whose weights are whole at each of these points), and resharded after forward and backward
+            assert rec["index_gathers"] == dict(own_before_product="DTensor", sibling_in_layer_forward="DTensor",
+                                                own_after_forward="DTensor", sibling_in_layer_backward="DTensor",
+                                                own_after_backward="DTensor"), rec["index_gathers"]
         if strategy.startswith("zero3"):  # frozen weights are partitioned too, and so are the index columns
             assert set(rec["numel_outside_forward"]) == {0}
             held = rec["index_bytes"]

@@ -184,3 +184,49 @@ def test_calibration_refuses_an_fsdp2_sharded_model():
             calibrate_masks(base, cfg, [batch])
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp2_gathers_each_pattern_only_around_its_product():
+    """shard_fsdp2 makes every pattern an FSDP2 unit of its own: sharded (DTensor) outside
+    use, whole inside ``SparsePattern.whole()`` (nested blocks gather once), and the model's
+    outputs and values' gradients equal the unsharded model's, in training and inference."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from shira_dist.distributed import whole_patterns
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ref, model = _model(), _model()
+        ids = torch.randint(0, 64, (2, 8))
+        indices = {n: layer.shira_indices["default"] for n, layer in model.shira_layers()}
+        shard_fsdp2(model)
+        patterns = [layer.shira_indices.pattern("default") for _, layer in model.shira_layers()]
+        assert patterns and all(isinstance(p, FSDPModule) and isinstance(p.col, DTensor) for p in patterns)
+        p = patterns[0]
+        with p.whole():
+            with p.whole():
+                assert type(p.col) is nn.Parameter and p.is_available()
+            assert type(p.col) is nn.Parameter  # the outer block still holds it
+        assert isinstance(p.col, DTensor) and not p.is_available()
+
+        use_unfused_path(ref)
+        loss_ref = ref(input_ids=ids, labels=ids).loss
+        loss_ref.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+        grads_ref = {n: layer.shira_weight["default"].grad for n, layer in ref.shira_layers()}
+        for n, layer in model.shira_layers():
+            torch.testing.assert_close(layer.shira_weight["default"].grad.full_tensor(), grads_ref[n],
+                                       rtol=1e-5, atol=1e-7)
+        assert all(isinstance(q.col, DTensor) for q in patterns)  # resharded after forward and backward
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+        assert all(isinstance(q.col, DTensor) for q in patterns)
+        with whole_patterns(model):
+            for n, layer in model.shira_layers():
+                assert torch.equal(layer.shira_indices["default"], indices[n])
+        assert all(isinstance(q.col, DTensor) for q in patterns)
+    finally:
+        dist.destroy_process_group()

@@ -14,7 +14,6 @@ from typing import Iterator
 
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from ..layer import ShiraLinear
 from ..model import ShiraModel
@@ -49,21 +48,15 @@ def pattern_columns(model: nn.Module) -> list[Tensor]:
 def whole_patterns(model: nn.Module) -> Iterator[None]:
     """Inside the block every SHiRA pattern is whole on this rank, so indices can be read
     (``layer.shira_indices[name]``, ``adapter_state_dict``): ZeRO-3 partitions are gathered
-    (``GatheredParameters``), FSDP2 shards are all-gathered into temporary copies shown in their
-    place (the engine's shards are put back on exit). Collective: every rank enters it. A
-    no-op where the indices are buffers (single process, DDP, FSDP1, ZeRO-1/2)."""
+    (``GatheredParameters``), FSDP2 pattern units all-gathered (``SparsePattern.whole``) and
+    resharded on exit. Collective: every rank enters it. A no-op where the indices are buffers
+    (single process, DDP, FSDP1, ZeRO-1/2)."""
     patterns = shira_patterns(model)
-    swapped: list[tuple[SparsePattern, nn.Parameter]] = []
-    try:
+    with contextlib.ExitStack() as stack:
         for p in patterns:
-            if isinstance(p.col, DTensor):
-                whole = nn.Parameter(p.col.full_tensor(), requires_grad=False)
-                swapped.append((p, p.swap_col_(whole)))
-        with gathered([p.col for p in patterns]):
-            yield
-    finally:
-        for p, shard in swapped:
-            p.swap_col_(shard)
+            stack.enter_context(p.whole())
+        stack.enter_context(gathered([p.col for p in patterns]))
+        yield
 
 
 def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:

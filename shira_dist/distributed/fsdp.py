@@ -1,21 +1,26 @@
 """Shard a ShiraModel with FSDP2 (``fully_shard``), or FSDP1 with ``use_orig_params=True``.
 
     FSDP2                                         per rank, outside forward
-    fully_shard(decoder layer i)  for every i     base weight: DTensor Shard(0), rows/world
-    fully_shard(ShiraModel)       (root: embed,   SHiRA values: DTensor Shard(0) (1-D), its
-                                   norm, head)    gradient reduce-scattered: adapter-sized
-                                                  index columns: frozen uint8 parameters,
+    fully_shard(each SHiRA pattern)               index columns: frozen uint8 parameter,
                                                   DTensor Shard(0); crow: replicated buffer
+    fully_shard(decoder layer i)  for every i     base weight: DTensor Shard(0), rows/world
+                                                  SHiRA values: DTensor Shard(0) (1-D), its
+                                                  gradient reduce-scattered: adapter-sized
+    fully_shard(ShiraModel)       (root: embed, norm, head)
 
-One unit per decoder layer holds its frozen weights, its SHiRA values and its patterns'
-column indices together (FSDP2 allows mixed requires_grad, and frozen parameters of another
-dtype: it all-gathers a unit as bytes); only values get gradients, so the reduce-scatter per
-step is the adapter's size. The columns (2 bytes per entry) are gathered with the layer for
-its forward and backward and otherwise kept 1/world per rank, like the weights; replicated,
-they would cost every rank about half the adapter's fp32 size. The layers run the unfused
-path: during forward FSDP2 swaps in a plain unsharded weight (so a fused write is not
-refused), frees it after forward and re-gathers W0 for backward, so the write is lost
-(measured: grad errors of 20-30% from the second step).
+One unit per decoder layer holds its frozen weights and its SHiRA values together (FSDP2
+allows mixed requires_grad); only values get gradients, so the reduce-scatter per step is the
+adapter's size. Each adapter's column indices (2 bytes per entry) are a unit of their own
+(FSDP2 allows frozen parameters of another dtype: it all-gathers them as bytes) that FSDP2
+never gathers by itself: the layer gathers them around its sparse product
+(``SparsePattern.whole``: ``unshard()`` ... ``reshard()``) and the kernel again for its
+backward, so a rank holds 1/world of them plus one projection's whole columns at a time.
+Left in the decoder layer's unit, all of a layer's columns would be whole from its forward to
+its end and again through its backward, for the layer computing and the one prefetched
+(measured on the benchmark model: ~2 MB/rank more at the step's peak than gathering each
+where it is read). The layers run the unfused path: during forward FSDP2 swaps in a plain
+unsharded weight (so a fused write is not refused), frees it after forward and re-gathers W0
+for backward, so the write is lost (measured: grad errors of 20-30% from the second step).
 
 FSDP1 flattens each unit into one FlatParameter, and a flat parameter with any trainable
 entry gets a gradient buffer of the whole flat size; so :func:`shard_fsdp1` wraps every
@@ -78,10 +83,11 @@ def shard_fsdp2(model: nn.Module, mesh: Optional[DeviceMesh] = None,
     if mesh is None:
         mesh = init_device_mesh(_device_type(shira), (rank_and_world()[1],))
     use_unfused_path(shira)
-    for pattern in shira_patterns(shira):  # index columns sharded with their layer (see the module doc)
-        pattern.col_as_parameter_()
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     mp_policy = mp_policy or MixedPrecisionPolicy()
+    for pattern in shira_patterns(shira):  # index columns: a unit each, gathered where read (module doc)
+        pattern.col_as_parameter_()
+        fully_shard(pattern, mesh=mesh, offload_policy=offload)
     for layer in decoder_layers(shira, layer_classes):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload,
                     mp_policy=mp_policy)

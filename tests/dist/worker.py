@@ -128,6 +128,32 @@ def base_weight_facts(strategy: str, engine, shira) -> dict:
     return facts
 
 
+def watch_index_gathers(shira) -> tuple[dict, list]:
+    """FSDP2: which of decoder layer 0's index columns are whole while its projections run.
+
+    Hooks record the type of a pattern's ``col`` (DTensor: this rank's shard only; Parameter:
+    gathered whole) at points where the decoder layer's own unit is gathered: each pattern is
+    a unit of its own, gathered only around its projection's sparse product. Returns (what
+    the hooks saw in the first step, handles to remove).
+    """
+    layer0 = shira.model.model.layers[0]
+    q, down = layer0.self_attn.q_proj, layer0.mlp.down_proj
+    col_type = lambda layer: type(layer.shira_indices.pattern("default").col).__name__  # noqa: E731
+    seen: dict = {}
+    handles = [
+        # q_proj's base forward runs first, inside the decoder layer's gathered unit
+        q.base_layer.register_forward_pre_hook(
+            lambda m, a: seen.setdefault("own_before_product", col_type(q)) and
+            seen.setdefault("sibling_in_layer_forward", col_type(down)) and None),
+        q.register_forward_hook(lambda m, a, y: seen.setdefault("own_after_forward", col_type(q)) and None),
+        down.register_full_backward_pre_hook(
+            lambda m, g: seen.setdefault("sibling_in_layer_backward", col_type(q)) and None),
+        down.register_full_backward_hook(
+            lambda m, gi, go: seen.setdefault("own_after_backward", col_type(down)) and None),
+    ]
+    return seen, handles
+
+
 def run(strategy: str, start: str, args) -> dict:
     began = time.perf_counter()
     model = harness.shira_model(start, args.start_dir)
@@ -135,6 +161,8 @@ def run(strategy: str, start: str, args) -> dict:
     engine, opt = wrap(strategy, model)
     rows = data_parallel_slice(harness.GLOBAL_BATCH, dist.get_rank(), dist.get_world_size())
     losses, digests = [], []
+    shira = unwrap_shira_model(engine)
+    gathers, handles = watch_index_gathers(shira) if strategy.startswith("fsdp2") else ({}, [])
     engine.train()
     for ids in harness.batches():
         local = ids[rows]
@@ -148,8 +176,12 @@ def run(strategy: str, start: str, args) -> dict:
             opt.zero_grad()
         losses.append(mean_over_ranks(loss))
         digests.append(harness.digest(gather_adapter_state_dict(engine, rank0_only=False)))
-    shira = unwrap_shira_model(engine)
+        for h in handles:
+            h.remove()
+        handles = []
     facts = base_weight_facts(strategy, engine, shira)
+    if gathers:
+        facts["index_gathers"] = gathers
     check_adapters_consistent(engine, values=True)  # raises on every rank if they diverged
     save_adapter(engine, os.path.join(args.out, f"{strategy}-{start}"))
     return dict(strategy=strategy, start=start, losses=losses, value_digests=digests,
