@@ -138,19 +138,27 @@ def watch_index_gathers(shira) -> tuple[dict, list]:
     """
     layer0 = shira.model.model.layers[0]
     q, down = layer0.self_attn.q_proj, layer0.mlp.down_proj
-    col_type = lambda layer: type(layer.shira_indices.pattern("default").col).__name__  # noqa: E731
     seen: dict = {}
-    handles = [
-        # q_proj's base forward runs first, inside the decoder layer's gathered unit
-        q.base_layer.register_forward_pre_hook(
-            lambda m, a: seen.setdefault("own_before_product", col_type(q)) and
-            seen.setdefault("sibling_in_layer_forward", col_type(down)) and None),
-        q.register_forward_hook(lambda m, a, y: seen.setdefault("own_after_forward", col_type(q)) and None),
-        down.register_full_backward_pre_hook(
-            lambda m, g: seen.setdefault("sibling_in_layer_backward", col_type(q)) and None),
-        down.register_full_backward_hook(
-            lambda m, gi, go: seen.setdefault("own_after_backward", col_type(down)) and None),
-    ]
+
+    def note(key: str, layer) -> None:
+        seen.setdefault(key, type(layer.shira_indices.pattern("default").col).__name__)
+
+    def before_q_product(module, args) -> None:  # q_proj's base forward: the decoder layer's unit is whole
+        note("own_before_product", q)
+        note("sibling_in_layer_forward", down)
+
+    def after_q(module, args, output) -> None:
+        note("own_after_forward", q)
+
+    def before_down_backward(module, grad_output) -> None:  # the layer's unit is gathered for backward
+        note("sibling_in_layer_backward", q)
+
+    def after_down_backward(module, grad_input, grad_output) -> None:
+        note("own_after_backward", down)
+
+    handles = [q.base_layer.register_forward_pre_hook(before_q_product), q.register_forward_hook(after_q),
+               down.register_full_backward_pre_hook(before_down_backward),
+               down.register_full_backward_hook(after_down_backward)]
     return seen, handles
 
 
