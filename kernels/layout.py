@@ -201,9 +201,18 @@ def csr_layout(shape: tuple[int, int], crow: Tensor, col: Tensor, order: Optiona
     if col.dtype == torch.uint8 and not isinstance(col, torch.nn.Parameter):
         col = col.view(torch.int16)
     layout = CsrLayout(tuple(shape), crow, col, order, access=access)
-    if find_blocks and layout.nnz:
+    if find_blocks and layout.nnz and _has_whole_line(crow, layout.col, shape):
         layout.blocks = _find_blocks(expand_indices(crow, layout.col, order), shape)
     return layout
+
+
+def _has_whole_line(crow: Tensor, col: Tensor, shape: tuple[int, int]) -> bool:
+    """Whether some row or column of the pattern is full: cheap (row lengths from ``crow``, one
+    count of the columns), so patterns without any (e.g. random masks) skip :func:`_find_blocks`."""
+    out_f, in_f = shape
+    if int((crow[1:] - crow[:-1]).max()) == in_f:
+        return True
+    return int(torch.bincount(col.long(), minlength=in_f).max()) == out_f
 
 
 def build_csr_layout(indices: Tensor, shape: tuple[int, int], find_blocks: bool = True) -> CsrLayout:
