@@ -177,6 +177,23 @@ def test_struct_pattern_uses_dense_blocks_and_matches_dense(out_f, in_f, r):
     assert build_csr_layout(_pattern(out_f, in_f, nnz, seed=2), (out_f, in_f)).blocks is None  # random: none
 
 
+@pytest.mark.parametrize("line", ["row", "column"])
+def test_a_single_whole_row_or_column_is_found(line):
+    """The cheap pre-check (row lengths, column counts) must not hide a lone full row or column."""
+    out_f, in_f = 9, 7
+    full = torch.arange(in_f if line == "row" else out_f)
+    idx = torch.stack([torch.full_like(full, 4), full]) if line == "row" else torch.stack([full, torch.full_like(full, 3)])
+    layout = build_csr_layout(idx, (out_f, in_f))
+    assert layout.blocks is not None and layout.blocks.rest is None
+    assert (layout.blocks.rows if line == "row" else layout.blocks.cols).tolist() == [4 if line == "row" else 3]
+    v = torch.randn(idx.shape[1], dtype=torch.float64, requires_grad=True)
+    v_ref = v.detach().clone().requires_grad_(True)
+    x, gy = torch.randn(5, in_f, dtype=torch.float64), torch.randn(5, out_f, dtype=torch.float64)
+    (sparse_delta_matmul(x, v, layout, 0.9) * gy).sum().backward()
+    (delta_matmul_reference(x, idx, v_ref, 0.9, (out_f, in_f)) * gy).sum().backward()
+    torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_merge_on_non_contiguous_weight():
     idx = _pattern(12, 9, 30, seed=8)
     storage = torch.randn(9, 12)
