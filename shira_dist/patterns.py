@@ -140,11 +140,10 @@ class SparsePattern(nn.Module):
     def layout(self) -> CsrLayout:
         """The kernels' view of these tensors (no copies). It holds ``col`` itself, not a view
         of its data, so under ZeRO-3/FSDP2 it reads whatever the engine has gathered at each use;
-        under FSDP2 it also carries :meth:`whole`, which the kernels enter around each read
-        (build it inside one)."""
+        it carries :meth:`whole` (a no-op unless FSDP2 shards the columns), which the kernels enter
+        around each read (build it inside one)."""
         self._check_available("building the layout")
-        access = self.whole if isinstance(self, FSDPModule) else None
-        return csr_layout(self.shape, self.crow, self.col, self.order, access=access)
+        return csr_layout(self.shape, self.crow, self.col, self.order, access=self.whole)
 
     def tensors(self) -> list[Tensor]:
         """The stored tensors (for in-place broadcasts and checksums)."""
