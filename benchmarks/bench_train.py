@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                      # the issue's model, 2 threads
     python benchmarks/bench_train.py --hidden 2048 --inter 5632
+    python benchmarks/bench_train.py --device cuda --dtype bf16 --hidden 4096 --inter 11008 --seq 1024
 
 Configurations: frozen-base floor (forward + backward through activations only), PEFT LoRA,
 PEFT SHiRA, full fine-tuning of the targeted weights, shira_dist fused (random mask, the
@@ -12,7 +13,9 @@ their steps alternate one by one (only one process computes at a time), and "ste
 the median of the per-pair ratios, so drifting machine speed hits both sides of each ratio.
 Inference (one sequence of --infer-tokens) is compared with the same model's adapters
 disabled, in alternating blocks inside one process. At most two models are in memory at once.
-Uses only public APIs (transformers, peft, shira_dist).
+With ``--device cuda`` every time is taken after ``torch.cuda.synchronize()`` and the memory
+column is the peak of ``torch.cuda.max_memory_allocated`` (model, optimizer, activations)
+instead of the process's peak RSS. Uses only public APIs (transformers, peft, shira_dist).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tempfile
 import time
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 CONFIGS = ["floor", "peft_lora", "peft_shira", "full_ft", "shira_dist_fused", "shira_dist_unfused",
            "shira_dist_struct"]
 
@@ -40,7 +44,8 @@ def _build(args, name):
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.inter, num_hidden_layers=args.layers,
                       num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
                       vocab_size=args.vocab, max_position_embeddings=args.seq)
-    model = LlamaForCausalLM(cfg)
+    with torch.device(args.device):  # initialised where it runs: a GPU builds a 1B model in a second
+        model = LlamaForCausalLM(cfg).to(getattr(torch, DTYPES[args.dtype]))
     if name in ("floor", "full_ft"):
         model.requires_grad_(False)
         if name == "full_ft":  # full fine-tuning of exactly the targeted weights
@@ -63,16 +68,22 @@ def _build(args, name):
     return model
 
 
-def _median_time(fn, steps):
+def _median_time(fn, steps, sync=None):
+    """Median wall time of ``steps`` calls of fn; ``sync`` (e.g. torch.cuda.synchronize) runs
+    before the clock starts and before it stops, so queued GPU work is counted."""
     times = []
     for _ in range(steps):
+        if sync is not None:
+            sync()
         t = time.perf_counter()
         fn()
+        if sync is not None:
+            sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def _paired_inference(model, fwd, merge, unmerge, rounds: int, steps: int) -> dict:
+def _paired_inference(model, fwd, merge, unmerge, rounds: int, steps: int, sync=None) -> dict:
     """Inference with the adapter (unmerged, then merged) against the same model with its
     adapters disabled, in alternating blocks in one process, so machine noise hits all three
     alike. Each block: one untimed forward (a mode change settles there), then ``steps`` timed.
@@ -82,12 +93,12 @@ def _paired_inference(model, fwd, merge, unmerge, rounds: int, steps: int) -> di
     for _ in range(rounds):
         with model.disable_adapter():
             fwd()
-            base.append(_median_time(fwd, steps))
+            base.append(_median_time(fwd, steps, sync))
         fwd()
-        unmerged.append(_median_time(fwd, steps))
+        unmerged.append(_median_time(fwd, steps, sync))
         merge()
         fwd()
-        merged.append(_median_time(fwd, steps))
+        merged.append(_median_time(fwd, steps, sync))
         unmerge()
     return {"infer_base_s": statistics.median(base), "infer_unmerged_s": statistics.median(unmerged),
             "infer_ratio": statistics.median(u / b for u, b in zip(unmerged, base)),
@@ -102,9 +113,10 @@ class _Job:
 
         torch.set_num_threads(args.threads)
         self.args, self.name = args, name
+        self.sync = torch.cuda.synchronize if args.device == "cuda" else None
         self.model = _build(args, name)
         g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+        self.ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
         self.model.train()
@@ -112,6 +124,8 @@ class _Job:
 
     def step(self) -> float:
         """One training step; returns its wall time in seconds."""
+        if self.sync is not None:
+            self.sync()
         t = time.perf_counter()
         x = self.model.get_input_embeddings()(self.ids).detach().requires_grad_(True)  # the floor still
         loss = self.model(inputs_embeds=x, labels=self.ids).loss                        # back-propagates
@@ -119,6 +133,8 @@ class _Job:
         if self.opt is not None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+        if self.sync is not None:
+            self.sync()
         return time.perf_counter() - t
 
     def finish(self) -> dict:
@@ -126,8 +142,9 @@ class _Job:
         import torch
 
         args, model, name = self.args, self.model, self.name
-        res = {"name": name, "trainable": sum(p.numel() for p in self.params),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        res = {"name": name, "trainable": sum(p.numel() for p in self.params), "peak_mb": peak}
         model.eval()
         small = self.ids[:1, :args.infer_tokens]
         with torch.no_grad():
@@ -137,8 +154,9 @@ class _Job:
                     merge, unmerge = model.base_model.merge_adapter, model.base_model.unmerge_adapter
                 else:
                     merge, unmerge = model.merge_adapter, model.unmerge_adapter
-                res.update(_paired_inference(model, fwd, merge, unmerge, args.infer_rounds, args.infer_steps))
-                res["switch_s"] = _median_time(lambda: (merge(), unmerge()), 3)
+                res.update(_paired_inference(model, fwd, merge, unmerge, args.infer_rounds, args.infer_steps,
+                                             self.sync))
+                res["switch_s"] = _median_time(lambda: (merge(), unmerge()), 3, self.sync)
                 with tempfile.TemporaryDirectory() as d:
                     model.save_pretrained(d)
                     res["adapter_mb"] = os.path.getsize(os.path.join(d, "adapter_model.safetensors")) / 2**20
@@ -200,7 +218,7 @@ class _Worker:
 
 
 _SIZES = ["hidden", "inter", "layers", "vocab", "batch", "seq", "r", "steps", "infer_steps", "infer_rounds",
-          "infer_tokens", "threads"]
+          "infer_tokens", "threads", "device", "dtype"]
 
 
 def measure(args, env: dict) -> list[dict]:
@@ -256,17 +274,26 @@ def main() -> None:
     ap.add_argument("--infer-rounds", type=int, default=7, help="alternating base/unmerged/merged blocks")
     ap.add_argument("--infer-tokens", type=int, default=128, help="tokens of the 1-sequence inference forward")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the model's weights and activations")
     ap.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     ap.add_argument("--serve", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device here")
     if args.serve:
         serve(args, args.serve)
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     rows = measure(args, env)
-    print(f"\nLlama hidden {args.hidden}, inter {args.inter}, {args.layers} layers, vocab {args.vocab}, fp32, "
-          f"batch {args.batch}x{args.seq}, r={args.r} on 7 projections, AdamW, {args.threads} threads\n")
-    print("| config | step s | step / floor | peak RSS MB | infer / base | merged infer / base | merge+unmerge s | adapter MB |")
+    where = "CUDA" if args.device == "cuda" else f"{args.threads} threads"
+    print(f"\nLlama hidden {args.hidden}, inter {args.inter}, {args.layers} layers, vocab {args.vocab}, {args.dtype}, "
+          f"batch {args.batch}x{args.seq}, r={args.r} on 7 projections, AdamW, {where}\n")
+    memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
+    print(f"| config | step s | step / floor | {memory} | infer / base | merged infer / base | merge+unmerge s | adapter MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['step_ratio']:.2f}x" if "step_ratio" in r else "-"
@@ -274,7 +301,7 @@ def main() -> None:
         minf = f"{r['infer_merged_ratio']:.3f}x" if "infer_merged_ratio" in r else "-"
         sw = f"{r['switch_s']:.3f}" if "switch_s" in r else "-"
         mb = f"{r['adapter_mb']:.2f}" if "adapter_mb" in r else "-"
-        print(f"| {r['name']} | {r['step_s']:.3f} | {ratio} | {r['peak_rss_mb']:.0f} | {inf} | {minf} | {sw} | {mb} |")
+        print(f"| {r['name']} | {r['step_s']:.3f} | {ratio} | {r['peak_mb']:.0f} | {inf} | {minf} | {sw} | {mb} |")
 
 
 if __name__ == "__main__":

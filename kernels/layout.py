@@ -55,16 +55,18 @@ def compress_indices(indices: Tensor, shape: tuple[int, int]) -> tuple[Tensor, T
     return _crow(row, out_f, dt), col, order
 
 
-def row_ids(crow: Tensor) -> Tensor:
-    """crow: (n_rows+1,) -> (nnz,) the row of each row-major entry (same dtype)."""
+def row_ids(crow: Tensor, nnz: Optional[int] = None) -> Tensor:
+    """crow: (n_rows+1,) -> (nnz,) the row of each row-major entry (same dtype). Pass ``nnz``
+    (= crow[-1]) when known: reading it from a CUDA crow waits for the device."""
     n_rows = crow.numel() - 1
     rows = torch.arange(n_rows, dtype=crow.dtype, device=crow.device)
-    return torch.repeat_interleave(rows, (crow[1:] - crow[:-1]).long(), output_size=int(crow[-1]))
+    size = int(crow[-1]) if nnz is None else nnz
+    return torch.repeat_interleave(rows, (crow[1:] - crow[:-1]).long(), output_size=size)
 
 
 def expand_indices(crow: Tensor, col: Tensor, order: Optional[Tensor]) -> Tensor:
     """Inverse of :func:`compress_indices`: (2, nnz) indices in the stored order (a new tensor)."""
-    rowmajor = torch.stack([row_ids(crow), col.to(crow.dtype)])
+    rowmajor = torch.stack([row_ids(crow, col.shape[0]), col.to(crow.dtype)])
     if order is None:
         return rowmajor
     out = torch.empty_like(rowmajor)
@@ -74,7 +76,7 @@ def expand_indices(crow: Tensor, col: Tensor, order: Optional[Tensor]) -> Tensor
 
 def flat_index(layout: "CsrLayout") -> Tensor:
     """(nnz,) int64 positions of the layout's entries in the flattened weight, row-major order."""
-    return row_ids(layout.crow).long() * layout.shape[1] + layout.col.long()
+    return row_ids(layout.crow, layout.nnz).long() * layout.shape[1] + layout.col.long()
 
 
 @dataclass(eq=False)
@@ -124,7 +126,7 @@ class CsrLayout:
 
     def rows(self) -> Tensor:
         """(nnz,) the row of each row-major entry: computed, not kept."""
-        return row_ids(self.crow)
+        return row_ids(self.crow, self.nnz)
 
     def indices(self) -> Tensor:
         """(2, nnz) indices in the stored order (PEFT's form): computed, not kept."""

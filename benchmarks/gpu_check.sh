@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU check, prepared for one short session on a borrowed GPU (the device tool's H100/H200):
+# the Triton kernels' tests compiled on CUDA, the kernel micro-benchmark and the training
+# benchmark in bf16 on a larger Llama. About 6-8 minutes on an H200; run from the repo root:
+#
+#   bash benchmarks/gpu_check.sh            # results in $OUT (the device tool's folder) or ./gpu_out
+#
+# It uses the machine's own torch/triton/transformers/peft (nothing can be downloaded there) and
+# installs shira_dist itself editable, without dependencies. Wheels in .whl/ (e.g. a newer peft,
+# fetched here with `pip download --no-deps -d .whl peft==0.21.2` and carried) are installed first.
+# SMOKE=1 runs the same steps on this machine's CPU at toy sizes (Triton interpreted), to check
+# the script itself before spending device time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+status=0
+step() {  # step NAME CMD...: run, log to $out/NAME.txt, remember a failure, go on
+    local name=$1; shift
+    echo "== $name: $*" | tee "$out/$name.txt"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee -a "$out/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/$name.txt"
+    [ "$rc" = 0 ] || status=1
+}
+
+if [ "${SMOKE:-0}" = 1 ]; then
+    device=cpu; export TRITON_INTERPRET=1
+    sddmm_args=(--tokens 64 --shapes 96x64 --steps 2 --repeats 1 --no-inductor --gpu-set)
+    train_args=(--hidden 64 --inter 128 --layers 2 --vocab 100 --batch 2 --seq 32 --steps 2 --infer-steps 1
+                --infer-rounds 1 --infer-tokens 16)
+else
+    device=cuda; export TRITON_INTERPRET=0
+    if [ -z "${SKIP_INSTALL:-}" ]; then
+        if compgen -G ".whl/*.whl" >/dev/null; then
+            $py -m pip install -q --no-deps --no-index --no-cache-dir .whl/*.whl || status=1
+        fi
+        $py -m pip install -q --no-deps --no-build-isolation --no-index --no-cache-dir -e . || exit 1
+    fi
+    sddmm_args=(--tokens 8192 --shapes 11008x4096 4096x11008 4096x4096 --steps 20 --repeats 3 --no-inductor)
+    train_args=(--hidden 4096 --inter 11008 --layers 4 --vocab 32000 --batch 8 --seq 1024 --steps 10
+                --infer-steps 5 --infer-rounds 5 --infer-tokens 1024)
+fi
+
+step versions $py -c "
+import torch, triton, transformers, peft, shira_dist
+print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__,
+      'peft', peft.__version__, 'shira_dist', shira_dist.__version__)
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
+print('peft has ShiraConfig:', hasattr(peft, 'ShiraConfig'))"
+configs=(floor peft_lora full_ft shira_dist_fused shira_dist_unfused shira_dist_struct)
+if $py -c "import peft, sys; sys.exit(not hasattr(peft, 'ShiraConfig'))"; then
+    configs=(floor peft_lora peft_shira full_ft shira_dist_fused shira_dist_unfused shira_dist_struct)
+fi
+step triton_tests $py -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
+step bench_sddmm $py benchmarks/bench_sddmm.py --device "$device" --dtype bf16 "${sddmm_args[@]}"
+step bench_sddmm_fp32 $py benchmarks/bench_sddmm.py --device "$device" --dtype fp32 "${sddmm_args[@]}"
+step bench_train $py benchmarks/bench_train.py --device "$device" --dtype bf16 "${train_args[@]}" \
+    --configs "${configs[@]}"
+exit $status
