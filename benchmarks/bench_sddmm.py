@@ -24,7 +24,8 @@ grad_x = grad_y @ S:
   mm(gy, csr S)   torch.mm(grad_y, CSR(S)): only the CSR of S
   native          the C++ kernel, from S's rows
 With ``--device cuda`` the native and inductor rows are replaced by shira_dist's Triton
-kernels (kernels/triton_kernels.py: "triton"), torch.sparse runs cuSPARSE, times are taken
+kernels (kernels/triton_kernels.py: "triton", and "triton blocked" for the tensor-core SDDMM
+that SHIRA_DIST_TRITON_SDDMM=blocked selects), torch.sparse runs cuSPARSE, times are taken
 after ``torch.cuda.synchronize()``, and a method the device/dtype does not support shows "n/a".
 """
 
@@ -125,6 +126,7 @@ def cuda_methods(out_f: int, in_f: int, rows, cols, x, gy) -> dict:
         "sddmm dense": lambda: (gy.t() @ x).view(-1)[flat],
         "sddmm sampled_addmm": cusparse(sampled_addmm),
         "sddmm triton": lambda: triton_kernels.sddmm(gy, x, r32, c32),
+        "sddmm triton blocked": lambda: triton_kernels.sddmm_blocked(gy, x, crow, r32, c32),
         "forward csr(S) spmm": cusparse(lambda: csr_mm(crow, c32, v, (out_f, in_f), x)),
         "forward triton add": lambda: triton_kernels.csr_spmm_add_(y_acc, x, crow, c32, v, 1.0),
         "forward LoRA (x A^T) B^T": lambda: (x @ lora_a.t()) @ lora_b.t(),

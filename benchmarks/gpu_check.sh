@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, prepared for one short session on a borrowed GPU (the device tool's H100/H200):
 # the Triton kernels' tests compiled on CUDA, the kernel micro-benchmark and the training
-# benchmark in bf16 on a larger Llama. About 6-8 minutes on an H200; run from the repo root:
+# benchmark in bf16 on a larger Llama (again with the tensor-core SDDMM for the values'
+# gradient: SHIRA_DIST_TRITON_SDDMM=blocked). About 8 minutes on an H200; run from the repo root:
 #
 #   bash benchmarks/gpu_check.sh            # results in $OUT (the device tool's folder) or ./gpu_out
 #
@@ -59,4 +60,6 @@ step bench_sddmm $py benchmarks/bench_sddmm.py --device "$device" --dtype bf16 "
 step bench_sddmm_fp32 $py benchmarks/bench_sddmm.py --device "$device" --dtype fp32 "${sddmm_args[@]}"
 step bench_train $py benchmarks/bench_train.py --device "$device" --dtype bf16 "${train_args[@]}" \
     --configs "${configs[@]}"
+SHIRA_DIST_TRITON_SDDMM=blocked step bench_train_blocked $py benchmarks/bench_train.py --device "$device" \
+    --dtype bf16 "${train_args[@]}" --configs floor peft_lora shira_dist_unfused
 exit $status

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_sddmm
-from .dispatch import use_triton
+from .dispatch import triton_sddmm, use_triton
 from .layout import CsrLayout
 
 # torch warns once that CSR is "beta" and that invariant checks are off; both are known
@@ -128,7 +128,10 @@ def _sddmm_sparse(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
     if use_triton(x):
         from . import triton_kernels
 
-        sampled = triton_kernels.sddmm(grad_y, x, layout.rows(), layout.col).to(x.dtype)
+        if triton_sddmm() == "blocked":
+            sampled = triton_kernels.sddmm_blocked(grad_y, x, layout.crow, layout.rows(), layout.col).to(x.dtype)
+        else:
+            sampled = triton_kernels.sddmm(grad_y, x, layout.rows(), layout.col).to(x.dtype)
     elif cpu_sddmm.usable(x, layout.col):
         sampled = cpu_sddmm.sddmm(grad_y, x, layout.crow, layout.col)
     else:

@@ -8,6 +8,8 @@ interpreter (``TRITON_INTERPRET=1``), which is how CI tests them.
     scatter_restore W[flat] <- orig
     sddmm           g[k] = Σ_t gy[t, row_k] · x[t, col_k]      one program per BLOCK_N entries,
                                                                loop over T in BLOCK_T tiles
+    sddmm_blocked   the same, (BM, BN) tiles of grad_y^T @ x on tensor cores (tl.dot), the
+                    entries picked out of each tile in registers (tl.gather)
     csr_spmm        y[t, r] += s · Σ_{j in row r} v_j x[t, col_j]
                                                                one program per (BLOCK_R rows,
                                                                BLOCK_T tokens), entry j of all
@@ -23,10 +25,14 @@ as they are. Sums are in fp32 whatever the input dtype (bf16/fp16/fp32).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import, as here
 
 
 @triton.jit
@@ -64,6 +70,47 @@ def _sddmm_kernel(a_ptr, b_ptr, rows_ptr, cols_ptr, out_ptr, T, nnz, sa_f, sa_t,
         b = tl.load(b_rows + offs_t[None, :] * sb_t, mask=m2, other=0.0).to(tl.float32)
         acc += tl.sum(a * b, axis=1)
     tl.store(out_ptr + offs_n, acc, mask=mn)
+
+
+@triton.jit
+def _sddmm_blocked_kernel(gy_ptr, x_ptr, crow_ptr, rows_ptr, cols_ptr, out_ptr, n_rows, n_cols, T,
+                          s_gy_t, s_gy_f, s_x_t, s_x_f, cols_per_group,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E: tl.constexpr,
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # Rows [r0, r0+BM) of S, columns [c_lo, c_hi): each (BM, BN) tile of grad_y^T @ x is
+    # computed on chip with tl.dot (tensor cores), then the row block's entries that fall in
+    # it are picked out of the accumulator; the dense tile never leaves the program.
+    r0 = tl.program_id(0) * BM
+    rm = r0 + tl.arange(0, BM)
+    k_start = tl.load(crow_ptr + r0)
+    k_end = tl.load(crow_ptr + tl.minimum(r0 + BM, n_rows))
+    c_lo = tl.program_id(1) * cols_per_group
+    c_hi = tl.minimum(c_lo + cols_per_group, n_cols)
+    for c0 in range(c_lo, c_hi, BN):
+        rn = c0 + tl.arange(0, BN)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for t0 in range(0, T, BK):
+            rk = t0 + tl.arange(0, BK)
+            mk = rk < T
+            a = tl.load(gy_ptr + rk[None, :] * s_gy_t + rm[:, None] * s_gy_f,
+                        mask=(rm < n_rows)[:, None] & mk[None, :], other=0.0)  # (BM, BK) of grad_y^T
+            b = tl.load(x_ptr + rk[:, None] * s_x_t + rn[None, :] * s_x_f,
+                        mask=mk[:, None] & (rn < n_cols)[None, :], other=0.0)  # (BK, BN) of x
+            if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly (its tl.dot has no bf16)
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+        flat = tl.reshape(acc, (BM * BN,))
+        for e0 in range(k_start, k_end, E):
+            ks = e0 + tl.arange(0, E)
+            mk = ks < k_end
+            c = tl.load(cols_ptr + ks, mask=mk, other=-1).to(tl.int32)
+            inside = mk & (c >= c0) & (c < c0 + BN)
+            r = tl.load(rows_ptr + ks, mask=inside, other=0).to(tl.int32)
+            local = tl.where(inside, (r - r0) * BN + (c - c0), 0)
+            tl.store(out_ptr + ks, tl.gather(flat, local, 0), mask=inside)
 
 
 @triton.jit
@@ -115,6 +162,33 @@ def sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, block_n: int = 
     grid = (triton.cdiv(rows.numel(), block_n),)
     _sddmm_kernel[grid](a, b, rows, cols, out, x.shape[0], rows.numel(), a.stride(0), a.stride(1),
                         b.stride(0), b.stride(1), BLOCK_N=block_n, BLOCK_T=block_t)
+    return out
+
+
+def sddmm_blocked(grad_y: Tensor, x: Tensor, crow: Tensor, rows: Tensor, cols: Tensor, block_m: int = 64,
+                  block_n: int = 64, block_k: int = 32, block_e: int = 256,
+                  programs: int | None = None) -> Tensor:
+    """Same result as :func:`sddmm` (row-major (nnz,) fp32), computed tile by tile on tensor cores.
+
+    grad_y: (T, out), x: (T, in), read at their own strides (no transposed copies); crow:
+    (out+1,), rows/cols: (nnz,) row-major. Costs one dense (out, in, T) product's FLOPs (the
+    weight gradient's), but no (out, in) tensor is ever written: each (block_m, block_n) tile
+    lives in registers only. fp32 inputs are multiplied in full fp32 (no TF32). ``programs``:
+    about how many programs to launch (default: 2 per SM on CUDA); the column range is split
+    into groups until the row blocks times the groups reach it.
+    """
+    n_rows, n_cols = crow.numel() - 1, x.shape[1]
+    out = torch.empty(cols.numel(), dtype=torch.float32, device=x.device)
+    if programs is None:
+        programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    row_blocks = triton.cdiv(n_rows, block_m)
+    groups = max(1, min(triton.cdiv(n_cols, block_n), triton.cdiv(programs, row_blocks)))
+    cols_per_group = triton.cdiv(triton.cdiv(n_cols, groups), block_n) * block_n
+    grid = (row_blocks, triton.cdiv(n_cols, cols_per_group))
+    _sddmm_blocked_kernel[grid](grad_y, x, crow, rows, cols, out, n_rows, n_cols, x.shape[0],
+                                grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), cols_per_group,
+                                BM=block_m, BN=block_n, BK=block_k, E=block_e, IEEE=x.dtype == torch.float32,
+                                UPCAST=_INTERPRETED and x.dtype != torch.float32)
     return out
 
 

@@ -69,6 +69,29 @@ def test_sddmm_matches_dense(out_f, in_f, nnz, T):
     torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-5)
 
 
+def _blocked(gy, x, layout, **blocks):
+    return tk.sddmm_blocked(gy, x, layout.crow.to(DEV), layout.rows().to(DEV), layout.col.to(DEV), **blocks)
+
+
+@pytest.mark.parametrize("out_f,in_f,nnz", SHAPES + [(None, None, None), (70, 150, 900)])
+@pytest.mark.parametrize("T", [5, 37])
+def test_blocked_sddmm_matches_dense(out_f, in_f, nnz, T):
+    # tiles of 16: shapes that are not multiples of the tiles, several row blocks and column
+    # groups (programs=4 splits 150 columns into groups of 48), a full row, empty rows
+    idx = _idx(out_f, in_f, nnz, 2) if out_f else _ragged_idx()
+    shape = (out_f, in_f) if out_f else (40, 9)
+    layout = build_csr_layout(idx.to(torch.int32), shape)
+    gy, x = torch.randn(T, shape[0], device=DEV), torch.randn(T, shape[1], device=DEV)
+    got = _blocked(gy, x, layout, block_m=16, block_n=16, block_k=16, block_e=32, programs=4)
+    rows, cols = layout.rows().long(), layout.col.long()
+    ref = (gy.double().t() @ x.double()).cpu()[rows, cols]
+    torch.testing.assert_close(got.double().cpu(), ref, atol=1e-4, rtol=1e-5)  # fp32 products (no TF32)
+    xs = torch.randn(T, shape[1] + 3, device=DEV)[:, 2:-1]  # strided x is read in place
+    got = _blocked(gy, xs, layout, block_m=16, block_n=32, block_k=16, block_e=16, programs=1)
+    torch.testing.assert_close(got.double().cpu(), (gy.double().t() @ xs.double()).cpu()[rows, cols],
+                               atol=1e-4, rtol=1e-5)
+
+
 def _layout(idx, shape):
     layout = build_csr_layout(idx.to(torch.int32), shape)
     return layout.crow.to(DEV), layout.col.to(DEV), layout
@@ -129,6 +152,8 @@ def test_bf16_inputs_sum_in_fp32():
     assert got.dtype == torch.float32
     ref_g = (gy.double().t() @ x.double())[rows.long(), col.long()]
     torch.testing.assert_close(got.double(), ref_g, atol=1e-4, rtol=1e-5)  # exact products, fp32 sums
+    got = _blocked(gy, x, layout, block_m=16, block_n=16, block_k=16, block_e=64)
+    torch.testing.assert_close(got.double(), ref_g, atol=1e-4, rtol=1e-5)
 
 
 def test_public_functions_dispatch_to_triton(monkeypatch):
@@ -169,13 +194,16 @@ def test_public_functions_dispatch_to_triton(monkeypatch):
     with torch.no_grad():  # inference: the Triton product adds into y in place
         sparse_delta_add_(y_add, x, v, layout, 0.5)
     torch.testing.assert_close(y_add, y0 + yr.detach(), atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("SHIRA_DIST_TRITON_SDDMM", "dense")
+    with pytest.raises(ValueError, match="SHIRA_DIST_TRITON_SDDMM='dense' is invalid; allowed: .*gather.*blocked"):
+        sparse_delta_matmul(x, v, layout, 0.5).sum().backward()
     monkeypatch.setenv("SHIRA_DIST_KERNEL_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="SHIRA_DIST_KERNEL_BACKEND='cuda-please' is invalid"):
         scatter_merge_(w, layout, v.detach(), 0.5)
 
 
-@pytest.mark.parametrize("mode", ["auto", "unfused"])
-def test_model_trains_through_the_triton_kernels(monkeypatch, mode):
+@pytest.mark.parametrize("mode,sddmm", [("auto", "gather"), ("unfused", "gather"), ("auto", "blocked")])
+def test_model_trains_through_the_triton_kernels(monkeypatch, mode, sddmm):
     # A tiny Llama with all 7 projections adapted, trained 3 SGD steps on DEV with the Triton
     # backend (fused: SDDMM + scatter merge; unfused: both sparse products + SDDMM), against
     # the same model in fp64 on the CPU through the torch path (itself checked against dense
@@ -203,7 +231,8 @@ def test_model_trains_through_the_triton_kernels(monkeypatch, mode):
         assert all(layer.fused == (mode == "auto") for layer in layers)
         return losses, [layer.shira_weight["default"].detach().double().cpu() for layer in layers]
 
-    calls = {"sddmm": 0, "csr_spmm_add_": 0}
+    monkeypatch.setenv("SHIRA_DIST_TRITON_SDDMM", sddmm)
+    calls = {"sddmm": 0, "sddmm_blocked": 0, "csr_spmm_add_": 0}
     for name in calls:
         real = getattr(tk, name)
 
@@ -213,11 +242,13 @@ def test_model_trains_through_the_triton_kernels(monkeypatch, mode):
 
         monkeypatch.setattr(tk, name, counted)
     ref_losses, ref_values = train(torch.float64, "cpu", "torch")
-    assert calls == {"sddmm": 0, "csr_spmm_add_": 0}
+    assert calls == {"sddmm": 0, "sddmm_blocked": 0, "csr_spmm_add_": 0}
     losses, values = train(torch.float32, DEV, "triton")
     # per step: 14 values' gradients; unfused also 14 forward products and 11 grad_x (layer 0's
     # q/k/v read the frozen embeddings' output, which needs no gradient)
-    assert calls["sddmm"] == 3 * 14 and calls["csr_spmm_add_"] == (0 if mode == "auto" else 3 * (14 + 11))
+    used, unused = ("sddmm_blocked", "sddmm") if sddmm == "blocked" else ("sddmm", "sddmm_blocked")
+    assert calls[used] == 3 * 14 and calls[unused] == 0
+    assert calls["csr_spmm_add_"] == (0 if mode == "auto" else 3 * (14 + 11))
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=0)  # fp32 vs fp64
     for got, want in zip(values, ref_values):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
