@@ -17,8 +17,9 @@
 // so every entry costs one contiguous, vectorised TB-long dot product (sddmm), multiply-add into
 // register-held sums (forward spmm) or axpy (transposed spmm);
 // no (n_rows, n_cols) tensor and no full transposed copy is ever made. The tile buffers are
-// per-thread scratch kept between calls (fresh allocations of this size page-faulted on every
-// call: measured 0.41 -> 0.24 ms for a 1024x1024, r=32 forward of 64 tokens). Rows of S are walked
+// per-thread scratch kept between calls of fewer than kFreeScratchFrom tokens (fresh allocations
+// of this size page-faulted on every call: measured 0.41 -> 0.24 ms for a 1024x1024, r=32 forward
+// of 64 tokens), freed after larger, training-sized ones. Rows of S are walked
 // in order, so the (n_rows, TB) side is streamed and only the (n_cols, TB) side is read at
 // random: TB is chosen to keep that within about 1 MB of L2.
 //
@@ -126,15 +127,38 @@ inline void row_share(const int32_t* crow, int64_t n_rows, int64_t i, int64_t nt
   *hi = std::max(*lo, *hi);
 }
 
+// Calls of at least this many tokens (training-sized) free their threads' scratch when they end;
+// smaller ones (inference) keep it for the next call. Kept scratch (up to kTileBudget per thread)
+// sat in every rank's memory between calls, through the step's peak: freeing it lowered a
+// 2-rank FSDP2 run's peak RSS by 1 MB per rank; allocating it again costs each call about
+// 0.1-0.2 ms of page faults, which is what made small calls slower (see scratch()).
+constexpr int64_t kFreeScratchFrom = 512;
+
+template <typename S>
+std::vector<S>* scratch_buffers() {
+  static thread_local std::vector<S> buffers[2];
+  return buffers;
+}
+
+// Frees the calling thread's scratch when a call of T tokens is training-sized.
+template <typename S>
+void release_scratch(int64_t T) {
+  if (T < kFreeScratchFrom) return;
+  for (int slot = 0; slot < 2; ++slot) {
+    scratch_buffers<S>()[slot].clear();
+    scratch_buffers<S>()[slot].shrink_to_fit();
+  }
+}
+
 // The calling thread's scratch buffer number `slot`: at least n elements (contents undefined),
-// starting on a 64-byte cache line, kept for the thread's next call. The alignment matters:
-// malloc's 16-byte alignment put every 64-byte slice of a tile across two cache lines, which
-// measured up to 1.7x slower depending on where a buffer happened to land.
+// starting on a 64-byte cache line, kept for the thread's next call (unless release_scratch
+// frees it). The alignment matters: malloc's 16-byte alignment put every 64-byte slice of a
+// tile across two cache lines, which measured up to 1.7x slower depending on where a buffer
+// happened to land.
 template <typename S>
 S* scratch(int slot, int64_t n) {
   constexpr int64_t pad = 64 / sizeof(S);
-  static thread_local std::vector<S> buffers[2];
-  std::vector<S>& b = buffers[slot];
+  std::vector<S>& b = scratch_buffers<S>()[slot];
   if (b.size() < size_t(n + pad)) {
     b.clear();
     b.shrink_to_fit();  // no copy of the old contents
@@ -276,10 +300,10 @@ struct Tile {
     }
   }
 
-  // Tokens [t0, t1) of the product, one thread: in (T, n_in) -> out (T, n_out).
+  // Tokens [t0, t1) of the product (of T), one thread: in (T, n_in) -> out (T, n_out).
   static void spmm_range(const S* in, const int32_t* crow, const I* col, const S* v, S scale, int64_t n_rows,
-                         bool transposed, int64_t n_in, int64_t n_out, int64_t t0, int64_t t1, bool accumulate,
-                         S* out) {
+                         bool transposed, int64_t n_in, int64_t n_out, int64_t t0, int64_t t1, int64_t T,
+                         bool accumulate, S* out) {
     S* it = scratch<S>(0, n_in * TB);
     S* ot = scratch<S>(1, n_out * TB);
     for (int64_t ts = t0; ts < t1; ts += TB) {
@@ -293,6 +317,7 @@ struct Tile {
       }
       tile_out<S, TB>(ot, n_out, tb, out + ts * n_out, n_out, accumulate);  // back to token-major rows
     }
+    release_scratch<S>(T);
   }
 
   // Runs per_tile(ts, tb, lo, hi) for every tile of T tokens on p threads that share the tile:
@@ -320,6 +345,7 @@ struct Tile {
       gather_rows(it, crow, col, v, scale, lo, hi, ot);
       tile_out<S, TB>(ot + lo * TB, hi - lo, tb, out + ts * n_rows + lo, n_rows, accumulate);
     });
+    release_scratch<S>(T);
   }
 
   static void spmm(const S* in, const int32_t* crow, const I* col, const S* v, S scale, int64_t n_rows,
@@ -335,12 +361,12 @@ struct Tile {
 #pragma omp parallel for num_threads(p) schedule(static, 1)
     for (int64_t i = 0; i < p; ++i)
       spmm_range(in, crow, col, v, scale, n_rows, transposed, n_in, n_out, std::min(T, i * span),
-                 std::min(T, (i + 1) * span), accumulate, out);
+                 std::min(T, (i + 1) * span), T, accumulate, out);
   }
 
-  // acc (nnz,) = the sum over tokens [t0, t1), one thread
+  // acc (nnz,) = the sum over tokens [t0, t1) (of T), one thread
   static void sddmm_range(const S* gy, const S* x, const int32_t* crow, const I* col, int64_t n_rows,
-                          int64_t n_cols, int64_t t0, int64_t t1, S* acc) {
+                          int64_t n_cols, int64_t t0, int64_t t1, int64_t T, S* acc) {
     S* gyt = scratch<S>(0, n_rows * TB);
     S* xt = scratch<S>(1, n_cols * TB);
     std::fill(acc, acc + crow[n_rows], S(0));
@@ -350,6 +376,7 @@ struct Tile {
       transpose(x + ts * n_cols, n_cols, n_cols, tb, xt);
       dots(gyt, xt, crow, col, 0, n_rows, acc);
     }
+    release_scratch<S>(T);
   }
 
   // The SDDMM with the threads sharing each tile, each summing the entries of its rows of S.
@@ -363,6 +390,7 @@ struct Tile {
       transpose_shared(x + ts * n_cols, n_cols, n_cols, tb, xt);
       dots(gyt, xt, crow, col, lo, hi, out);
     });
+    release_scratch<S>(T);
   }
 
   static void sddmm(const S* gy, const S* x, const int32_t* crow, const I* col, int64_t n_rows,
@@ -379,7 +407,7 @@ struct Tile {
     std::vector<S> partial((p - 1) * nnz);
 #pragma omp parallel for num_threads(p) schedule(static, 1)
     for (int64_t i = 0; i < p; ++i)
-      sddmm_range(gy, x, crow, col, n_rows, n_cols, std::min(T, i * span), std::min(T, (i + 1) * span),
+      sddmm_range(gy, x, crow, col, n_rows, n_cols, std::min(T, i * span), std::min(T, (i + 1) * span), T,
                   i == 0 ? out : partial.data() + (i - 1) * nnz);
     for (int64_t i = 1; i < p; ++i)
       for (int64_t k = 0; k < nnz; ++k) out[k] += partial[(i - 1) * nnz + k];

@@ -61,6 +61,9 @@ class ShiraLinear(nn.Module):
         init_weights: zeros (True) or randn (False) initial values.
         indices: (2, nnz) int stored pattern, instead of ``mask``.
         layer_name: module path, used in error messages.
+        csr: (crow (out+1,), col (nnz,)) of a pattern made by shira_dist itself (the built-in
+            random mask, :func:`shira_dist.masks.random_csr`), instead of ``mask``: row-major
+            and distinct by construction, so stored without a mask tensor or re-validation.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class ShiraLinear(nn.Module):
         init_weights: bool = True,
         indices: Optional[Tensor] = None,
         layer_name: str = "",
+        csr: Optional[tuple[Tensor, Tensor]] = None,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -100,7 +104,7 @@ class ShiraLinear(nn.Module):
         self._fused = FusedDelta()
         self._register_state_dict_hook(_report_unfused_weight)
         self._register_load_state_dict_pre_hook(_unfuse_before_load, with_module=True)
-        self.update_layer(adapter_name, mask, r, init_weights=init_weights, indices=indices)
+        self.update_layer(adapter_name, mask, r, init_weights=init_weights, indices=indices, csr=csr)
 
     # ---- adapters -------------------------------------------------------------------
     def update_layer(
@@ -110,15 +114,22 @@ class ShiraLinear(nn.Module):
         r: int,
         init_weights: bool = True,
         indices: Optional[Tensor] = None,
+        csr: Optional[tuple[Tensor, Tensor]] = None,
     ) -> None:
-        """Add adapter ``adapter_name`` with the pattern of ``mask`` (or stored ``indices``)."""
+        """Add adapter ``adapter_name`` with the pattern of ``mask`` (or stored ``indices``, or
+        ``csr`` from shira_dist's own mask: see the class docstring)."""
         where = f"{self.layer_name} ({self.out_features}x{self.in_features})"
         nnz = shira_budget(self.out_features, self.in_features, r, where=self.layer_name)
         weight = self.base_layer.weight
         shape = (self.out_features, self.in_features)
-        if (mask is None) == (indices is None):
-            raise ValueError(f"{where}: give exactly one of mask or indices for adapter {adapter_name!r}")
-        if mask is not None:
+        if sum(x is not None for x in (mask, indices, csr)) != 1:
+            raise ValueError(f"{where}: give exactly one of mask, indices or csr for adapter {adapter_name!r}")
+        if csr is not None:
+            if csr[1].shape != (nnz,):
+                raise ValueError(f"{where}: adapter {adapter_name!r} has a csr pattern of {tuple(csr[1].shape)} "
+                                 f"columns, expected ({nnz},) = r*(in+out) for r={r}")
+            idx = None
+        elif mask is not None:
             idx = mask_to_indices(mask, shape, nnz, where)
         else:
             validate_indices(indices, shape, where)
@@ -126,11 +137,15 @@ class ShiraLinear(nn.Module):
                 raise ValueError(f"{where}: adapter {adapter_name!r} has {indices.shape[1]} indices, "
                                  f"expected r*(in+out)={nnz} for r={r}")
             idx = indices.to(torch.int32)
-        device = weight.device if weight.device.type != "meta" else idx.device
+        given = idx if idx is not None else csr[1]
+        device = weight.device if weight.device.type != "meta" else given.device
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         init = torch.zeros(nnz, dtype=dtype, device=device) if init_weights else torch.randn(nnz, device=device).to(dtype)
         self.shira_weight[adapter_name] = nn.Parameter(init, requires_grad=adapter_name in self._active_adapters)
-        self.shira_indices[adapter_name] = idx.to(device)
+        if idx is not None:
+            self.shira_indices[adapter_name] = idx.to(device)
+        else:
+            self.shira_indices.set_csr(adapter_name, csr[0].to(device), csr[1].to(device))
         self.r[adapter_name] = r
         self.scaling[adapter_name] = 1.0
         self._layouts.pop(adapter_name, None)

@@ -15,6 +15,7 @@ import secrets
 import torch
 from torch import Tensor, nn
 
+from .kernels.layout import index_dtype
 from .partitioned import full_shape
 
 # Above this density, rejection sampling wastes draws; a full permutation of m*n is
@@ -64,7 +65,7 @@ def sample_distinct(total: int, k: int, generator: torch.Generator, device: torc
         picked = torch.unique(torch.cat([picked, draw]))
     if picked.numel() > k:  # drop a uniformly random surplus (unique() sorted them)
         keep = torch.randperm(picked.numel(), generator=generator, device=device)[:k]
-        picked = picked[keep].sort().values
+        picked = picked.index_select(0, keep).sort().values
     return picked
 
 
@@ -83,6 +84,26 @@ def _sparse_mask(flat: Tensor, weight: Tensor) -> Tensor:
     return torch.sparse_coo_tensor(idx, ones, (out_f, in_f), is_coalesced=True)
 
 
+def _random_flat(out_f: int, in_f: int, r: int, random_seed: int | None, device: torch.device) -> Tensor:
+    """The random mask's entries as sorted flat positions (nnz,) int64 (row-major order)."""
+    k = shira_budget(out_f, in_f, r)
+    return sample_distinct(out_f * in_f, k, _generator(device, random_seed), device)
+
+
+def random_csr(shape: tuple[int, int], r: int, random_seed: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`random_mask`'s pattern (the same entries for the same seed and device) straight in
+    CSR form: ``crow`` (out+1,) and ``col`` (nnz,), int32 (int64 past 2^31), row-major.
+
+    What ``get_peft_model`` uses for ``mask_type="random"``: no sparse mask tensor, no (2, nnz)
+    indices and no re-validation of entries that are distinct and in range by construction.
+    """
+    out_f, in_f = shape
+    flat = _random_flat(out_f, in_f, r, random_seed, device)
+    dt = index_dtype(flat.numel(), shape)  # int32 unless past 2^31
+    starts = torch.arange(out_f + 1, dtype=torch.int64, device=device) * in_f
+    return torch.searchsorted(flat, starts).to(dt), flat.remainder_(in_f).to(dt)
+
+
 def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, **kwargs) -> Tensor:
     """Uniform random SHiRA mask: r*(in+out) distinct positions of ``base_layer.weight``.
 
@@ -93,10 +114,12 @@ def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, *
     """
     weight = _weight_of(base_layer)
     out_f, in_f = full_shape(weight)
-    k = shira_budget(out_f, in_f, r)
-    device = weight.device if weight.device.type != "meta" else torch.device("cpu")
-    flat = sample_distinct(out_f * in_f, k, _generator(device, random_seed), device)
-    return _sparse_mask(flat, weight)
+    return _sparse_mask(_random_flat(out_f, in_f, r, random_seed, mask_device(weight)), weight)
+
+
+def mask_device(weight: Tensor) -> torch.device:
+    """Where a mask of ``weight`` is made: its device, the CPU for a meta weight (no storage)."""
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
 
 def mask_to_indices(mask: Tensor, shape: tuple[int, int], expected_nnz: int, where: str) -> Tensor:

@@ -20,9 +20,9 @@ from . import checkpoint as ckpt
 from .calibration import CALIBRATED_MASKS, LossFn, calibrate_masks
 from .config import ShiraConfig
 from .layer import ShiraLinear
-from .masks import MASK_FUNCTIONS, layer_seed, shira_budget
+from .masks import MASK_FUNCTIONS, layer_seed, mask_device, random_csr, random_mask, shira_budget
 from .modules_to_save import ModulesToSave
-from .partitioned import full_numel
+from .partitioned import full_numel, full_shape
 from .targeting import find_modules_to_save, find_targets, get_submodule_parent
 
 
@@ -151,7 +151,12 @@ class ShiraModel(nn.Module):
                 base = module.base_layer if isinstance(module, ShiraLinear) else module
                 shira_budget(base.out_features, base.in_features, config.r, where=name)
                 seed = None if config.random_seed is None else layer_seed(config.random_seed, name)
-                patterns[name] = {"mask": _call_mask_fn(config.mask_fn, base, config.r, seed), "indices": None}
+                if config.mask_fn is random_mask:  # the built-in: its pattern made directly in CSR form
+                    weight = base.weight
+                    csr = random_csr(full_shape(weight), config.r, seed, mask_device(weight))
+                    patterns[name] = {"mask": None, "indices": None, "csr": csr}
+                else:
+                    patterns[name] = {"mask": _call_mask_fn(config.mask_fn, base, config.r, seed), "indices": None}
         saved = find_modules_to_save(self.model, config.modules_to_save)
 
         built: dict[str, ShiraLinear] = {}

@@ -53,12 +53,24 @@ def _engine_sharded(t: Tensor) -> bool:
 class SparsePattern(nn.Module):
     """One adapter's pattern of an (out, in) weight, as buffers ``crow``, ``col`` (and ``order``)."""
 
-    def __init__(self, indices: Tensor, shape: tuple[int, int], where: str = "layer") -> None:
+    def __init__(self, indices: Optional[Tensor], shape: tuple[int, int], where: str = "layer",
+                 csr: Optional[tuple[Tensor, Tensor]] = None) -> None:
+        """From ``indices`` (2, nnz) int (validated), or from ``csr`` = (crow (out+1,), col (nnz,))
+        int, row-major, trusted as a pattern (e.g. :func:`shira_dist.masks.random_csr`'s)."""
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
         self.where = where
         self._whole_depth = 0  # open whole() blocks
-        self.set_(indices)
+        if (indices is None) == (csr is None):
+            raise ValueError(f"{where}: give a pattern's indices or its csr, exactly one")
+        if csr is None:
+            self.set_(indices)
+            return
+        crow, col = csr
+        if crow.shape != (self.shape[0] + 1,) or col.dim() != 1:
+            raise ValueError(f"{where}: csr of shapes {tuple(crow.shape)}, {tuple(col.shape)} does not fit a "
+                             f"{self.shape} pattern (crow (out+1,), col (nnz,) expected)")
+        self._store(crow, col, None, col.device)
 
     @property
     def nnz(self) -> int:
@@ -94,7 +106,9 @@ class SparsePattern(nn.Module):
             raise RuntimeError(f"cannot replace the indices of {self.where}: ZeRO-3/FSDP2 shards them; load or "
                                "broadcast adapters before sharding the model")
         self._parameters.pop("col", None)
-        device = stored.device if stored is not None else indices.device
+        self._store(crow, col, order, stored.device if stored is not None else indices.device)
+
+    def _store(self, crow: Tensor, col: Tensor, order: Optional[Tensor], device: torch.device) -> None:
         col = col.to(device)
         if self.shape[1] <= _INT16_LIMIT:
             col = col.to(torch.int16).view(torch.uint8)
@@ -196,6 +210,10 @@ class PatternDict(nn.Module):
 
     def __setitem__(self, name: str, indices: Tensor) -> None:
         self.patterns[name] = SparsePattern(indices, self.shape, f"{self.where} adapter {name!r}")
+
+    def set_csr(self, name: str, crow: Tensor, col: Tensor) -> None:
+        """Adapter ``name``'s pattern from its CSR (row-major, trusted: see :class:`SparsePattern`)."""
+        self.patterns[name] = SparsePattern(None, self.shape, f"{self.where} adapter {name!r}", csr=(crow, col))
 
     def __getitem__(self, name: str) -> Tensor:
         """(2, nnz) int32 indices of adapter ``name`` in the stored order (a new tensor)."""

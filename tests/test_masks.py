@@ -101,3 +101,61 @@ def test_mask_to_indices_validation():
     dense[1, 2] = dense[0, 3] = 1
     idx = mask_to_indices(dense, (3, 4), 2, "L")
     assert idx.dtype == torch.int32 and idx.tolist() == [[0, 1], [3, 2]]
+
+
+@pytest.mark.parametrize("out_f,in_f,r", [(7, 13, 1), (13, 7, 2), (64, 64, 31), (3, 40000, 1)])
+def test_random_csr_is_random_mask_in_csr_form(out_f, in_f, r):
+    # get_peft_model's built-in random path: the same entries as random_mask for the same seed,
+    # row-major CSR, without the sparse tensor (in_f=40000 > 2^15: int32 columns in the layer)
+    from shira_dist.kernels import compress_indices
+    from shira_dist.masks import random_csr
+
+    layer = nn.Linear(in_f, out_f)
+    want = mask_to_indices(random_mask(layer, r, random_seed=11), (out_f, in_f), r * (in_f + out_f), "t")
+    crow, col = random_csr((out_f, in_f), r, 11, torch.device("cpu"))
+    want_crow, want_col, order = compress_indices(want, (out_f, in_f))
+    assert order is None  # random_mask's entries are row-major too
+    assert crow.dtype == col.dtype == torch.int32
+    assert torch.equal(crow, want_crow) and torch.equal(col, want_col)
+
+
+def test_model_random_masks_match_the_mask_function_per_layer(llama):
+    # the CSR fast path of get_peft_model gives exactly what the public mask function gives a
+    # user who calls it with the layer's seed (and a custom mask_fn still goes the mask route)
+    from shira_dist.masks import layer_seed
+
+    model = get_peft_model(llama, ShiraConfig(r=2, target_modules=["q_proj", "down_proj"], random_seed=5))
+    layers = {n.removeprefix("model."): m for n, m in model.named_modules() if hasattr(m, "shira_indices")}
+    assert len(layers) == 4
+    for name, layer in layers.items():
+        mask = random_mask(layer.base_layer, 2, random_seed=layer_seed(5, name))
+        want = mask_to_indices(mask, tuple(layer.base_layer.weight.shape), 2 * sum(mask.shape), name)
+        assert torch.equal(layer.shira_indices["default"], want), name
+    seen = []
+    cfg = ShiraConfig(r=2, target_modules=["q_proj"], random_seed=5)
+    cfg.mask_fn = lambda layer, r, random_seed=None: seen.append(random_seed) or random_mask(layer, r, random_seed)
+    from tests.conftest import tiny_llama
+
+    custom = get_peft_model(tiny_llama(), cfg)
+    assert len(seen) == 2
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(custom.get_submodule("model." + name).shira_indices["default"],
+                       layers[name].shira_indices["default"])
+
+
+def test_csr_patterns_are_checked_for_their_shape_and_budget():
+    from shira_dist import ShiraLinear
+    from shira_dist.patterns import SparsePattern
+
+    crow = torch.tensor([0, 2, 3], dtype=torch.int32)
+    col = torch.tensor([0, 4, 1], dtype=torch.int32)
+    p = SparsePattern(None, (2, 5), csr=(crow, col))
+    assert torch.equal(p.indices(), torch.tensor([[0, 0, 1], [0, 4, 1]], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"csr of shapes \(3,\), \(3,\) does not fit a \(3, 5\) pattern"):
+        SparsePattern(None, (3, 5), csr=(crow, col))
+    with pytest.raises(ValueError, match="indices or its csr, exactly one"):
+        SparsePattern(None, (2, 5))
+    with pytest.raises(ValueError, match=r"csr pattern of \(3,\) columns, expected \(7,\) = r\*\(in\+out\) for r=1"):
+        ShiraLinear(nn.Linear(5, 2), None, "default", r=1, csr=(crow, col))
+    with pytest.raises(ValueError, match="exactly one of mask, indices or csr"):
+        ShiraLinear(nn.Linear(5, 2), None, "default", r=1, csr=(crow, col), indices=torch.zeros(2, 7, dtype=torch.int32))
