@@ -145,6 +145,11 @@ class _Job:
         peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         res = {"name": name, "trainable": sum(p.numel() for p in self.params), "peak_mb": peak}
+        if name.startswith("shira_dist"):  # the mode training really ran in ("auto" trains bf16 unfused)
+            import shira_dist
+
+            fused = {m.fused for m in model.modules() if isinstance(m, shira_dist.ShiraLinear)}
+            res["mode"] = "fused" if fused == {True} else "unfused" if fused == {False} else "mixed"
         model.eval()
         small = self.ids[:1, :args.infer_tokens]
         with torch.no_grad():
@@ -301,7 +306,8 @@ def main() -> None:
         minf = f"{r['infer_merged_ratio']:.3f}x" if "infer_merged_ratio" in r else "-"
         sw = f"{r['switch_s']:.3f}" if "switch_s" in r else "-"
         mb = f"{r['adapter_mb']:.2f}" if "adapter_mb" in r else "-"
-        print(f"| {r['name']} | {r['step_s']:.3f} | {ratio} | {r['peak_mb']:.0f} | {inf} | {minf} | {sw} | {mb} |")
+        label = r["name"] + (f" (ran {r['mode']})" if "mode" in r and r["mode"] not in r["name"] else "")
+        print(f"| {label} | {r['step_s']:.3f} | {ratio} | {r['peak_mb']:.0f} | {inf} | {minf} | {sw} | {mb} |")
 
 
 if __name__ == "__main__":
