@@ -55,6 +55,14 @@ def _spmm_t(x2d: Tensor, crow: Tensor, col: Tensor, vals_rowmajor: Tensor, n_row
     return torch.sparse.mm(_csr(crow, col, vals_rowmajor, (n_rows, n_cols)), x2d.t()).t()
 
 
+def _feature_major_view(t: Tensor) -> Tensor:
+    """t: (T, F) -> the same (T, F) values, stored feature-major (tokens contiguous): the Triton
+    kernels' feature_major() of it is then free, so callers that pass it twice copy once."""
+    from . import triton_kernels
+
+    return triton_kernels.feature_major(t).t()
+
+
 def _native(t: Tensor, layout: CsrLayout) -> bool:
     """The native CPU kernels (cpu_sddmm.py) take this input and layout."""
     return not use_triton(t) and cpu_sddmm.usable(t, layout.col)
@@ -66,14 +74,17 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         out_f, in_f = layout.shape
         cdt = _compute_dtype(x2d)
         xc = x2d.to(cdt)
+        saved = x2d
         with layout.readable():
             if _native(xc, layout):  # (T, out), row by row of S; the scale is applied in the kernel
                 y = cpu_sddmm.spmm(xc, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f, scale=scale)
             else:
+                if use_triton(xc):  # the Triton kernels' token-contiguous copy, made once: the backward's
+                    xc = saved = _feature_major_view(xc)  # SDDMM reads the same one
                 v = values.to(cdt) * scale
                 y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)
-        ctx.save_for_backward(x2d, values)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.save_for_backward(saved, values)
+        ctx.layout, ctx.scale, ctx.x_dtype = layout, scale, x2d.dtype
         return y.to(x2d.dtype)
 
     @staticmethod
@@ -88,15 +99,17 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         out_f, in_f = layout.shape
         cdt = _compute_dtype(grad_y)
         gy = grad_y.to(cdt)
+        if use_triton(gy):  # one token-contiguous copy for both grad_x and the SDDMM
+            gy = _feature_major_view(gy)
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
             if _native(gy, layout):  # S's rows again, roles swapped: the CSR of S^T is never built
                 grad_x = cpu_sddmm.spmm(gy, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f,
-                                        transposed=True, scale=ctx.scale).to(x2d.dtype)
+                                        transposed=True, scale=ctx.scale).to(ctx.x_dtype)
             else:
                 v = values.to(cdt) * ctx.scale
                 lt = layout.transposed()
-                grad_x = _spmm_t(gy, lt.crow, lt.col, lt.rowmajor(v), in_f, out_f).to(x2d.dtype)
+                grad_x = _spmm_t(gy, lt.crow, lt.col, lt.rowmajor(v), in_f, out_f).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_v = sddmm(gy, x2d.to(cdt), layout).mul_(ctx.scale).to(values.dtype)  # sddmm gives a fresh tensor
         return grad_x, grad_v, None, None
