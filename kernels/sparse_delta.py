@@ -30,12 +30,13 @@ from .layout import CsrLayout
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
-# MKL's CPU sparse kernels take float32/float64 only; half inputs are computed in fp32.
+# MKL's CPU sparse kernels take float32/float64 only; half inputs are computed in fp32 (the
+# Triton kernels take half inputs themselves, also under the interpreter on the CPU).
 _CPU_SPARSE_DTYPES = (torch.float32, torch.float64)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
-    if t.device.type == "cpu" and t.dtype not in _CPU_SPARSE_DTYPES:
+    if t.device.type == "cpu" and t.dtype not in _CPU_SPARSE_DTYPES and not use_triton(t):
         return torch.float32
     return t.dtype
 

@@ -55,6 +55,14 @@ def _scatter_restore_kernel(w_ptr, flat_ptr, orig_ptr, nnz, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _rows_dot(a_rows, b_rows, offs_t, mask, sa_t, sb_t):
+    # Σ_t a[row, t] · b[row, t] over one BLOCK_T tile, in fp32: (BLOCK_N,)
+    a = tl.load(a_rows + offs_t[None, :] * sa_t, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_rows + offs_t[None, :] * sb_t, mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(a * b, axis=1)
+
+
+@triton.jit
 def _sddmm_kernel(a_ptr, b_ptr, rows_ptr, cols_ptr, out_ptr, T, nnz, sa_f, sa_t, sb_f, sb_t,
                   BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     # a: (n_rows features, T) and b: (n_cols features, T) at strides (s*_f, s*_t)
@@ -63,12 +71,12 @@ def _sddmm_kernel(a_ptr, b_ptr, rows_ptr, cols_ptr, out_ptr, T, nnz, sa_f, sa_t,
     a_rows = a_ptr + tl.load(rows_ptr + offs_n, mask=mn, other=0).to(tl.int64)[:, None] * sa_f
     b_rows = b_ptr + tl.load(cols_ptr + offs_n, mask=mn, other=0).to(tl.int64)[:, None] * sb_f
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        m2 = mn[:, None] & (offs_t < T)[None, :]
-        a = tl.load(a_rows + offs_t[None, :] * sa_t, mask=m2, other=0.0).to(tl.float32)
-        b = tl.load(b_rows + offs_t[None, :] * sb_t, mask=m2, other=0.0).to(tl.float32)
-        acc += tl.sum(a * b, axis=1)
+    t_full = (T // BLOCK_T) * BLOCK_T
+    for t0 in range(0, t_full, BLOCK_T):  # whole tiles: masked by entry only, so whole vectors load
+        acc += _rows_dot(a_rows, b_rows, t0 + tl.arange(0, BLOCK_T), mn[:, None], sa_t, sb_t)
+    if t_full < T:  # the last, partial tile
+        offs_t = t_full + tl.arange(0, BLOCK_T)
+        acc += _rows_dot(a_rows, b_rows, offs_t, mn[:, None] & (offs_t < T)[None, :], sa_t, sb_t)
     tl.store(out_ptr + offs_n, acc, mask=mn)
 
 
@@ -114,6 +122,23 @@ def _sddmm_blocked_kernel(gy_ptr, x_ptr, crow_ptr, rows_ptr, cols_ptr, out_ptr, 
 
 
 @triton.jit
+def _csr_rows_product(x_toks, col_ptr, v_ptr, start, length, sx_f, mt, BLOCK_R: tl.constexpr,
+                      BLOCK_T: tl.constexpr, WHOLE_TILE: tl.constexpr):
+    # Σ_j v_j x[col_j, tokens] for every row of the block: (BLOCK_R, BLOCK_T) in fp32
+    acc = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+    for j in range(0, tl.max(length, axis=0)):  # the j-th entry of every row of the block
+        mj = j < length
+        c = tl.load(col_ptr + start + j, mask=mj, other=0).to(tl.int64)
+        v = tl.load(v_ptr + start + j, mask=mj, other=0.0).to(tl.float32)
+        if WHOLE_TILE:  # masked by row only: whole vectors load
+            xv = tl.load(x_toks + c[:, None] * sx_f, mask=mj[:, None], other=0.0)
+        else:
+            xv = tl.load(x_toks + c[:, None] * sx_f, mask=mj[:, None] & mt[None, :], other=0.0)
+        acc += v[:, None] * xv.to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _csr_spmm_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, y_ptr, n_rows, T, sx_f, sx_t, sy_t, sy_f, scale,
                      BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
     # x: (n_cols features, T) at strides (sx_f, sx_t); y: (T, n_rows) at strides (sy_t, sy_f)
@@ -124,13 +149,10 @@ def _csr_spmm_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, y_ptr, n_rows, T, sx_f, sx
     start = tl.load(crow_ptr + offs_r, mask=mr, other=0)
     length = tl.load(crow_ptr + offs_r + 1, mask=mr, other=0) - start
     x_toks = x_ptr + offs_t[None, :] * sx_t
-    acc = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
-    for j in range(0, tl.max(length, axis=0)):  # the j-th entry of every row of the block
-        mj = j < length
-        c = tl.load(col_ptr + start + j, mask=mj, other=0).to(tl.int64)
-        v = tl.load(v_ptr + start + j, mask=mj, other=0.0).to(tl.float32)
-        xv = tl.load(x_toks + c[:, None] * sx_f, mask=mj[:, None] & mt[None, :], other=0.0)
-        acc += v[:, None] * xv.to(tl.float32)
+    if (tl.program_id(1) + 1) * BLOCK_T <= T:
+        acc = _csr_rows_product(x_toks, col_ptr, v_ptr, start, length, sx_f, mt, BLOCK_R, BLOCK_T, True)
+    else:
+        acc = _csr_rows_product(x_toks, col_ptr, v_ptr, start, length, sx_f, mt, BLOCK_R, BLOCK_T, False)
     y_ptrs = y_ptr + offs_t[None, :].to(tl.int64) * sy_t + offs_r[:, None] * sy_f
     m2 = mr[:, None] & mt[None, :]
     y_old = tl.load(y_ptrs, mask=m2, other=0.0)
@@ -151,33 +173,55 @@ def scatter_restore(weight: Tensor, flat: Tensor, originals: Tensor, block: int 
 
 
 def feature_major(t: Tensor) -> Tensor:
-    """(T, F) -> (F, T) with tokens contiguous: the layout the sparse kernels gather from."""
-    return t.t().contiguous()
+    """(T, F) -> (F, T) with tokens contiguous: the layout the sparse kernels gather from.
+
+    Each feature's row starts at a multiple of 16 elements (the row stride is T rounded up to
+    16, the tail unused), so Triton specializes the stride as divisible by 16 and the gathered
+    rows load in 128-bit vectors whatever T is (an odd T would otherwise load element by
+    element). A tensor already in this layout is returned as it is.
+    """
+    ft = t.t()
+    if ft.stride(1) == 1 and ft.stride(0) % 16 == 0 and ft.stride(0) >= ft.shape[1]:
+        return ft
+    n_feat, n_tok = ft.shape
+    padded = torch.empty(n_feat, -(-n_tok // 16) * 16, dtype=t.dtype, device=t.device)
+    return padded[:, :n_tok].copy_(ft)
 
 
-def sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, block_n: int = 32, block_t: int = 128) -> Tensor:
-    """grad_y: (T, out), x: (T, in); rows/cols: (nnz,) -> (nnz,) fp32, ``(grad_y^T @ x)[rows, cols]``."""
+def sddmm(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, block_n: int = 32, block_t: int = 128,
+          num_warps: int = 8) -> Tensor:
+    """grad_y: (T, out), x: (T, in); rows/cols: (nnz,) -> (nnz,) fp32, ``(grad_y^T @ x)[rows, cols]``.
+
+    8 warps: a latency-bound gather wants many loads in flight; at 4 warps ptxas gives it 126
+    registers per thread on sm_80 (a quarter of the SM's warps resident), at 8 about half
+    that (benchmarks/triton_compile_report.py; chosen from registers, not timed on a GPU).
+    """
     a, b = feature_major(grad_y), feature_major(x)
     out = torch.empty(rows.numel(), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(rows.numel(), block_n),)
     _sddmm_kernel[grid](a, b, rows, cols, out, x.shape[0], rows.numel(), a.stride(0), a.stride(1),
-                        b.stride(0), b.stride(1), BLOCK_N=block_n, BLOCK_T=block_t)
+                        b.stride(0), b.stride(1), BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps)
     return out
 
 
 def sddmm_blocked(grad_y: Tensor, x: Tensor, crow: Tensor, rows: Tensor, cols: Tensor, block_m: int = 64,
-                  block_n: int = 64, block_k: int = 32, block_e: int = 256,
+                  block_n: int = 64, block_k: int | None = None, block_e: int = 256,
                   programs: int | None = None) -> Tensor:
     """Same result as :func:`sddmm` (row-major (nnz,) fp32), computed tile by tile on tensor cores.
 
     grad_y: (T, out), x: (T, in), read at their own strides (no transposed copies); crow:
     (out+1,), rows/cols: (nnz,) row-major. Costs one dense (out, in, T) product's FLOPs (the
     weight gradient's), but no (out, in) tensor is ever written: each (block_m, block_n) tile
-    lives in registers only. fp32 inputs are multiplied in full fp32 (no TF32). ``programs``:
+    lives in registers only. fp32 inputs are multiplied in full fp32 unless
+    ``torch.set_float32_matmul_precision`` allows TF32 ("high"/"medium"), as for torch's own
+    matmuls. ``block_k`` (tokens per step) defaults to 16 for full fp32 (32 spills registers on
+    sm_80: benchmarks/triton_compile_report.py), 32 otherwise. ``programs``:
     about how many programs to launch (default: 2 per SM on CUDA); the column range is split
     into groups until the row blocks times the groups reach it.
     """
     n_rows, n_cols = crow.numel() - 1, x.shape[1]
+    ieee = x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    block_k = block_k or (16 if ieee else 32)
     out = torch.empty(cols.numel(), dtype=torch.float32, device=x.device)
     if programs is None:
         programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
@@ -187,7 +231,7 @@ def sddmm_blocked(grad_y: Tensor, x: Tensor, crow: Tensor, rows: Tensor, cols: T
     grid = (row_blocks, triton.cdiv(n_cols, cols_per_group))
     _sddmm_blocked_kernel[grid](grad_y, x, crow, rows, cols, out, n_rows, n_cols, x.shape[0],
                                 grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), cols_per_group,
-                                BM=block_m, BN=block_n, BK=block_k, E=block_e, IEEE=x.dtype == torch.float32,
+                                BM=block_m, BN=block_n, BK=block_k, E=block_e, IEEE=ieee,
                                 UPCAST=_INTERPRETED and x.dtype != torch.float32)
     return out
 

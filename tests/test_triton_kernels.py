@@ -60,7 +60,7 @@ def test_scatter_merge_and_exact_restore(out_f, in_f, nnz):
 
 
 @pytest.mark.parametrize("out_f,in_f,nnz", SHAPES)
-@pytest.mark.parametrize("T", [5, 37])
+@pytest.mark.parametrize("T", [5, 32, 37])  # tiles of 8: a partial tile only, whole tiles only, both
 def test_sddmm_matches_dense(out_f, in_f, nnz, T):
     idx = _idx(out_f, in_f, nnz, 2)
     gy, x = torch.randn(T, out_f, device=DEV), torch.randn(T, in_f, device=DEV)
@@ -104,7 +104,7 @@ def test_csr_spmm_forward_and_grad_x(out_f, in_f, nnz):
     crow, col, layout = _layout(idx, shape)
     v = torch.randn(idx.shape[1], device=DEV)
     dense = _dense(idx, v, shape)
-    x = torch.randn(11, shape[1], device=DEV)
+    x = torch.randn(11, shape[1], device=DEV)  # 11 tokens in tiles of 4: two whole tiles, one partial
     y0 = torch.randn(11, shape[0], device=DEV)
     y = tk.csr_spmm_add_(y0.clone(), x, crow, col, layout.rowmajor(v), 0.7, block_r=4, block_t=4)
     torch.testing.assert_close(y.double().cpu(), y0.double().cpu() + 0.7 * x.double().cpu() @ dense.t(),
