@@ -94,15 +94,17 @@ def _sddmm_blocked_kernel(gy_ptr, x_ptr, crow_ptr, rows_ptr, cols_ptr, out_ptr, 
     k_end = tl.load(crow_ptr + tl.minimum(r0 + BM, n_rows))
     c_lo = tl.program_id(1) * cols_per_group
     c_hi = tl.minimum(c_lo + cols_per_group, n_cols)
+    gy_rows = gy_ptr + rm[:, None].to(tl.int64) * s_gy_f  # 64-bit offsets: T x features can pass 2^31
     for c0 in range(c_lo, c_hi, BN):
         rn = c0 + tl.arange(0, BN)
+        x_cols = x_ptr + rn[None, :].to(tl.int64) * s_x_f
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for t0 in range(0, T, BK):
             rk = t0 + tl.arange(0, BK)
             mk = rk < T
-            a = tl.load(gy_ptr + rk[None, :] * s_gy_t + rm[:, None] * s_gy_f,
+            a = tl.load(gy_rows + rk[None, :].to(tl.int64) * s_gy_t,
                         mask=(rm < n_rows)[:, None] & mk[None, :], other=0.0)  # (BM, BK) of grad_y^T
-            b = tl.load(x_ptr + rk[:, None] * s_x_t + rn[None, :] * s_x_f,
+            b = tl.load(x_cols + rk[:, None].to(tl.int64) * s_x_t,
                         mask=mk[:, None] & (rn < n_cols)[None, :], other=0.0)  # (BK, BN) of x
             if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly (its tl.dot has no bf16)
                 a, b = a.to(tl.float32), b.to(tl.float32)
@@ -153,7 +155,7 @@ def _csr_spmm_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, y_ptr, n_rows, T, sx_f, sx
         acc = _csr_rows_product(x_toks, col_ptr, v_ptr, start, length, sx_f, mt, BLOCK_R, BLOCK_T, True)
     else:
         acc = _csr_rows_product(x_toks, col_ptr, v_ptr, start, length, sx_f, mt, BLOCK_R, BLOCK_T, False)
-    y_ptrs = y_ptr + offs_t[None, :].to(tl.int64) * sy_t + offs_r[:, None] * sy_f
+    y_ptrs = y_ptr + offs_t[None, :].to(tl.int64) * sy_t + offs_r[:, None].to(tl.int64) * sy_f
     m2 = mr[:, None] & mt[None, :]
     y_old = tl.load(y_ptrs, mask=m2, other=0.0)
     tl.store(y_ptrs, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=m2)
