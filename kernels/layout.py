@@ -15,9 +15,8 @@ the torch.sparse fallback of the unfused backward's grad_x, is built on first us
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -87,38 +86,15 @@ class CsrLayout:
     ``values_rowmajor = values[order]``, or None when the stored order already is row-major.
     int32 (int64 only for > 2^31 entries or features); ``col`` may be int16 (a layer's stored
     pattern when n_cols <= 2^15). Rows of entries are not stored (:meth:`rows` computes them
-    for the paths that want them). ``access``: how to make ``col`` readable for one kernel
-    call when an engine keeps it sharded between uses (a layer's pattern under FSDP2: an
-    all-gather, see shira_dist/patterns.py), or None when it always is.
+    for the paths that want them).
     """
 
     shape: tuple[int, int]
     crow: Tensor
-    col_store: Tensor
+    col: Tensor
     order: Optional[Tensor]
     blocks: Optional["DenseBlocks"] = None
-    access: Optional[Callable[[], ContextManager[None]]] = field(default=None, repr=False)
     _t: Optional["CsrLayout"] = field(default=None, repr=False)
-
-    def readable(self) -> ContextManager[None]:
-        """Context in which ``col`` holds the whole pattern (the kernels read it inside one)."""
-        return self.access() if self.access is not None else contextlib.nullcontext()
-
-    @property
-    def col(self) -> Tensor:
-        """(nnz,) int16/int32/int64 columns: ``col_store`` itself, or an int16 view of it when it
-        holds int16 columns as bytes (2*nnz,) uint8 (how a layer stores them, see patterns.py).
-
-        A view made at each read, so a layout that holds a layer's index *parameter* (ZeRO-3
-        swaps its ``.data`` per gather, FSDP2 frees and refills its storage) always reads its
-        current data and keeps no gathered copy alive (saved for backward, the layout holds the
-        parameter only).
-        """
-        return self.col_store.view(torch.int16) if self.col_store.dtype == torch.uint8 else self.col_store
-
-    @col.setter
-    def col(self, value: Tensor) -> None:
-        self.col_store = value
 
     @property
     def nnz(self) -> int:
@@ -189,20 +165,16 @@ def _crow(major_sorted: Tensor, n_major: int, dtype: torch.dtype) -> Tensor:
 
 
 def csr_layout(shape: tuple[int, int], crow: Tensor, col: Tensor, order: Optional[Tensor],
-               find_blocks: bool = True,
-               access: Optional[Callable[[], ContextManager[None]]] = None) -> CsrLayout:
+               find_blocks: bool = True) -> CsrLayout:
     """A layout over already compressed tensors (no copies), e.g. a layer's stored pattern.
 
-    ``col``: (nnz,) int, or int16 columns stored as (2*nnz,) uint8 bytes: viewed as int16 once
-    here, except a parameter (an engine's, which swaps its data), kept as it is and viewed at
-    each read (see :attr:`CsrLayout.col`). With ``find_blocks`` and at least half of the
-    entries in whole rows/columns, the layout also carries :class:`DenseBlocks` so the values'
-    gradient uses dense sub-GEMMs there. ``access``: see :class:`CsrLayout` (the columns must
-    be readable while this runs).
+    ``col``: (nnz,) int, or int16 columns stored as (2*nnz,) uint8 bytes (viewed as int16).
+    With ``find_blocks`` and at least half of the entries in whole rows/columns, the layout
+    also carries :class:`DenseBlocks` so the values' gradient uses dense sub-GEMMs there.
     """
-    if col.dtype == torch.uint8 and not isinstance(col, torch.nn.Parameter):
+    if col.dtype == torch.uint8:
         col = col.view(torch.int16)
-    layout = CsrLayout(tuple(shape), crow, col, order, access=access)
+    layout = CsrLayout(tuple(shape), crow, col, order)
     if find_blocks and layout.nnz and _has_whole_line(crow, layout.col, shape):
         layout.blocks = _find_blocks(expand_indices(crow, layout.col, order), shape)
     return layout

@@ -76,25 +76,19 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         cdt = _compute_dtype(x2d)
         xc = x2d.to(cdt)
         saved = x2d
-        with layout.readable():
-            if _native(xc, layout):  # (T, out), row by row of S; the scale is applied in the kernel
-                y = cpu_sddmm.spmm(xc, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f, scale=scale)
-            else:
-                if use_triton(xc):  # the Triton kernels' token-contiguous copy, made once: the backward's
-                    xc = saved = _feature_major_view(xc)  # SDDMM reads the same one
-                v = values.to(cdt) * scale
-                y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)
+        if _native(xc, layout):  # (T, out), row by row of S; the scale is applied in the kernel
+            y = cpu_sddmm.spmm(xc, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f, scale=scale)
+        else:
+            if use_triton(xc):  # the Triton kernels' token-contiguous copy, made once: the backward's
+                xc = saved = _feature_major_view(xc)  # SDDMM reads the same one
+            v = values.to(cdt) * scale
+            y = _spmm_t(xc, layout.crow, layout.col, layout.rowmajor(v), out_f, in_f)
         ctx.save_for_backward(saved, values)
         ctx.layout, ctx.scale, ctx.x_dtype = layout, scale, x2d.dtype
         return y.to(x2d.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        with ctx.layout.readable():  # e.g. FSDP2 gathers the columns again for the backward
-            return _SparseDeltaMatmul._backward(ctx, grad_y)
-
-    @staticmethod
-    def _backward(ctx, grad_y: Tensor):
         x2d, values = ctx.saved_tensors
         layout: CsrLayout = ctx.layout
         out_f, in_f = layout.shape
@@ -180,8 +174,7 @@ class _FusedValuesGrad(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             cdt = _compute_dtype(grad_y)
             gy = grad_y.reshape(-1, grad_y.shape[-1]).to(cdt)
-            with ctx.layout.readable():
-                grad_v = sddmm(gy, x2d.to(cdt), ctx.layout).mul_(ctx.scale).to(ctx.values_dtype)
+            grad_v = sddmm(gy, x2d.to(cdt), ctx.layout).mul_(ctx.scale).to(ctx.values_dtype)
         return grad_y, None, grad_v, None, None
 
 
@@ -221,8 +214,7 @@ def sparse_delta_add_(y: Tensor, x: Tensor, values: Tensor, layout: CsrLayout, s
                          f"shape {layout.shape}")
     if x.numel() == 0:
         return y
-    with layout.readable():
-        return _delta_add_(y, x, values, layout, scale)
+    return _delta_add_(y, x, values, layout, scale)
 
 
 def _delta_add_(y: Tensor, x: Tensor, values: Tensor, layout: CsrLayout, scale: float) -> Tensor:

@@ -1,85 +1,59 @@
-"""Fused mode bookkeeping: the base weight holds ``W0 + Σ scale_a·values_a`` in place.
+"""Fused training: the base weight holds ``W0 + Σ scale_a·values_a`` in place.
 
     W[idx_a] = W0[idx_a] + s_a · v_a      for every fused adapter a (written in order)
 
-The entries ``W0[idx_a]`` are kept, so the weight is always re-written from the originals
-(never by adding to the previous write): no rounding drift however many optimizer steps
-run, and restoring is bit-exact. A write is stamped with the values' version counter,
-storage and scale; any change (an optimizer step, a load, ``set_scale``) makes it stale
-and the next forward re-writes the nnz entries, with no call from the user.
+The entries ``W0[idx_a]`` are kept, and :meth:`FusedWeight.write` runs at *every* fused
+forward: the weight is re-written from the originals and the values as they are now, so the
+result never depends on how (or whether anyone noticed that) the values changed: any
+optimizer, engine or ``p.data`` write. Re-writing from the originals (never adding to the
+previous write) means no rounding drift, and restoring is bit-exact.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from torch import Tensor
 
-from torch import Tensor, nn
-
-from .buffer_dict import BufferDict
 from .kernels import CsrLayout, scatter_merge_, scatter_restore_, scatter_rewrite_
 
-LayoutOf = Callable[[str], CsrLayout]  # adapter name -> its pattern's current layout
+Adapter = tuple[str, CsrLayout, Tensor, float]  # (name, pattern layout, values (nnz,), scale)
 
 
-def _stamp(values: Tensor, scale: float) -> tuple:
-    return (values._version, values.data_ptr(), values.device, float(scale))
+class FusedWeight:
+    """Which adapters a weight holds in place, each with its layout and W0 at its entries.
 
-
-def _pattern_stamp(layout: CsrLayout) -> tuple:
-    return tuple((t.data_ptr(), t.device, t._version) for t in (layout.crow, layout.col))
-
-
-class FusedDelta(nn.Module):
-    """Which adapters are fused into one weight, and the original entries under them."""
+    Plain attributes, not buffers: a cache of the frozen weight, not adapter state (the
+    layer restores W0 before anything copies, moves or saves the weight).
+    """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.originals = BufferDict(persistent=False)  # name -> W0[idx] (nnz,)
-        self.order: list[str] = []
-        self._stamps: dict[str, tuple] = {}
-        self._pattern_stamps: dict[str, tuple] = {}
+        self.entries: list[tuple[str, CsrLayout, Tensor]] = []  # (name, layout written, W0[idx] (nnz,))
 
     @property
     def active(self) -> bool:
-        return bool(self.order)
+        return bool(self.entries)
 
-    def is_current(self, names: list[str], values: dict[str, Tensor], scales: dict[str, float]) -> bool:
-        return names == self.order and all(self._stamps[n] == _stamp(values[n], scales[n]) for n in names)
-
-    def write(self, weight: Tensor, names: list[str], layout_of: LayoutOf, values: dict[str, Tensor],
-              scales: dict[str, float]) -> None:
-        """Make ``weight`` = W0 + Σ deltas of ``names`` (restoring the previous write first)."""
-        n = names[0] if len(names) == 1 else None
-        if n is not None and self.order == [n] and self._pattern_stamps[n] == _pattern_stamp(layout_of(n)):
-            # the usual step (one adapter, new values): its saved W0 entries are still under the write
-            scatter_rewrite_(weight, layout_of(n), self.originals[n], values[n], scales[n])
-            self._stamps[n] = _stamp(values[n], scales[n])
+    def write(self, weight: Tensor, adapters: list[Adapter]) -> None:
+        """Make ``weight`` (out, in) = W0 + Σ deltas of ``adapters``, from their values now."""
+        if len(adapters) == 1 and len(self.entries) == 1 and self.entries[0][:2] == adapters[0][:2]:
+            # the usual step: one adapter, its saved W0 entries still under the write. (With
+            # several, one adapter's saved entries may hold another's delta where they overlap.)
+            name, layout, values, scale = adapters[0]
+            scatter_rewrite_(weight, layout, self.entries[0][2], values, scale)
             return
-        self.restore(weight, layout_of)
-        for n in names:
-            layout = layout_of(n)
-            self.originals[n] = scatter_merge_(weight, layout, values[n], scales[n])
-            self.order.append(n)
-            self._stamps[n] = _stamp(values[n], scales[n])
-            self._pattern_stamps[n] = _pattern_stamp(layout)
+        self.restore(weight)
+        for name, layout, values, scale in adapters:
+            self.entries.append((name, layout, scatter_merge_(weight, layout, values, scale)))
 
-    def restore(self, weight: Tensor, layout_of: LayoutOf) -> None:
-        """Put W0 back at every fused index, bit-exactly (last written first)."""
-        while self.order:
-            n = self.order[-1]
-            layout = layout_of(n)
-            if self._pattern_stamps[n] != _pattern_stamp(layout):
-                raise RuntimeError(f"adapter {n!r}: its indices changed while fused into the weight; "
-                                   "unfuse (layer.unfuse()) before replacing indices")
-            scatter_restore_(weight, layout, self.originals[n])
-            self.order.pop()
-            del self.originals[n]
-            del self._stamps[n]
-            del self._pattern_stamps[n]
+    def restore(self, weight: Tensor) -> None:
+        """Put W0 back at every fused entry, bit-exactly (last written first), with the layouts
+        that were written (even if the pattern was replaced since)."""
+        while self.entries:
+            _, layout, originals = self.entries.pop()
+            scatter_restore_(weight, layout, originals)
 
-    def unfused_copy(self, weight: Tensor, layout_of: LayoutOf) -> Tensor:
-        """A copy of ``weight`` with W0 at the fused indices (for state_dict)."""
+    def unfused_copy(self, weight: Tensor) -> Tensor:
+        """A copy of ``weight`` with W0 at the fused entries (for state_dict)."""
         out = weight.detach().clone()
-        for n in reversed(self.order):
-            scatter_restore_(out, layout_of(n), self.originals[n])
+        for _, layout, originals in reversed(self.entries):
+            scatter_restore_(out, layout, originals)
         return out

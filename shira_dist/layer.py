@@ -6,46 +6,46 @@
 
     S_a: (out, in) with r*(in+out) non-zeros at shira_indices[a], values shira_weight[a]
 
-Two execution modes give the same results (see ``set_fuse_mode``):
-  unfused  the picture above: base forward plus a CSR sparse matmul per adapter (with
-           autograd off, e.g. inference, the kernel adds into the base output in place).
-  fused    the base weight holds W0 + Σ deltas in place (re-written from the saved W0
-           entries after each optimizer step), so the forward is exactly the base layer's;
-           backward adds only the values' SDDMM. The default ("auto") for fp32/fp64
-           weights that are plain, unshared tensors.
+Every forward computes ``base(x) + Σ s·x·Sᵀ`` from the values as they are now, whoever
+changed them and however. Two ways, same result (``set_fuse_mode``):
+  unfused  the picture above: the base forward plus a CSR sparse product per adapter (with
+           autograd off, the kernel adds into the base output in place).
+  fused    with autograd on, the weight this layer wrapped is re-written in place to
+           W0 + Σ deltas (from the saved W0 entries and the current values: one scatter of
+           the nnz entries per forward), the base layer runs on it, and the backward adds only
+           the values' SDDMM. The default ("auto") for plain fp32/fp64 weights. Any other
+           weight (quantized, sharded, gathered per forward by an engine, tied) runs unfused,
+           and so does every forward without autograd: the weight holds W0 again before it.
 
-Merging writes ``W0[idx] + scale·values`` into the base weight at the indices only and
-keeps ``W0[idx]``, so unmerging restores the weight bit-exactly. State is registered:
-values are parameters, patterns are buffers (CSR, 2 bytes per entry; read and saved as
-PEFT's (2, nnz) indices, see patterns.py; ZeRO-3 and FSDP2 make the column indices frozen
-parameters so they are sharded too), so ``state_dict()`` and ``.to()`` see them.
+Merging writes ``W0[idx] + scale·values`` into a plain weight at the indices only and keeps
+``W0[idx]``, so unmerging restores the weight bit-exactly. Values are parameters and
+patterns buffers, so ``state_dict()`` and ``.to()`` see them; ``state_dict()`` reports the
+base weight as W0 even mid-training.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .buffer_dict import BufferDict
-from .fused import FusedDelta
-from .kernels import (
-    CsrLayout,
-    fused_values_grad,
-    scatter_merge_,
-    scatter_restore_,
-    sparse_delta_add_,
-    sparse_delta_matmul,
-)
-from .masks import mask_to_indices, shira_budget, validate_indices
-from .partitioned import is_partitioned
-from .patterns import PatternDict
+from .fused import Adapter, FusedWeight
+from .kernels import fused_values_grad, scatter_merge_, scatter_restore_, sparse_delta_add_, sparse_delta_matmul
+from .masks import shira_budget
+from .partitioned import used_by
+from .patterns import PatternDict, make_pattern
 
 FUSE_MODES = ("auto", "fused", "unfused")
 # "auto" fuses fp32/fp64 weights only: a half-precision weight would round small deltas away.
 _FUSE_DTYPES = (torch.float32, torch.float64)
+
+
+def _plain(w: Tensor) -> bool:
+    """A torch.Tensor/nn.Parameter itself, not a subclass (quantized, DTensor, Int8Params ...)."""
+    return type(w) in (Tensor, nn.Parameter)
 
 
 class ShiraLinear(nn.Module):
@@ -54,36 +54,24 @@ class ShiraLinear(nn.Module):
     Args:
         base_layer: the frozen linear layer, weight (out, in).
         mask: (out, in) 0/1 dense or sparse-COO mask with r*(in+out) ones, or None when
-            ``indices`` is given (e.g. when loading a checkpoint).
+            ``indices`` or ``csr`` is given.
         adapter_name: name of the first adapter.
         r: budget factor.
         fan_in_fan_out: must be False for nn.Linear (kept for PEFT's signature).
         init_weights: zeros (True) or randn (False) initial values.
-        indices: (2, nnz) int stored pattern, instead of ``mask``.
+        indices: (2, nnz) int stored pattern (PEFT's form, e.g. from a checkpoint).
         layer_name: module path, used in error messages.
-        csr: (crow (out+1,), col (nnz,)) of a pattern made by shira_dist itself (the built-in
-            random mask, :func:`shira_dist.masks.random_csr`), instead of ``mask``: row-major
-            and distinct by construction, so stored without a mask tensor or re-validation.
+        csr: (crow (out+1,), col (nnz,)) from shira_dist's own sampler (see make_pattern).
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        mask: Optional[Tensor],
-        adapter_name: str,
-        r: int = 0,
-        fan_in_fan_out: bool = False,
-        init_weights: bool = True,
-        indices: Optional[Tensor] = None,
-        layer_name: str = "",
-        csr: Optional[tuple[Tensor, Tensor]] = None,
-    ) -> None:
+    def __init__(self, base_layer: nn.Linear, mask: Optional[Tensor] = None, adapter_name: str = "default",
+                 r: int = 0, fan_in_fan_out: bool = False, init_weights: bool = True,
+                 indices: Optional[Tensor] = None, layer_name: str = "",
+                 csr: Optional[tuple[Tensor, Tensor]] = None) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
-            raise TypeError(
-                f"{layer_name or 'target'}: {type(base_layer).__name__} is not supported; "
-                "SHiRA supports torch.nn.Linear only"
-            )
+            raise TypeError(f"{layer_name or 'target'}: {type(base_layer).__name__} is not supported; "
+                            "SHiRA supports torch.nn.Linear only")
         if fan_in_fan_out:
             warnings.warn(f"{layer_name}: fan_in_fan_out=True does not apply to torch.nn.Linear; using False")
         self.base_layer = base_layer
@@ -91,64 +79,37 @@ class ShiraLinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.fan_in_fan_out = False
         self.shira_weight = nn.ParameterDict()
-        self.shira_indices = PatternDict((self.out_features, self.in_features), self.layer_name)
-        self._merged_originals = BufferDict(persistent=False)  # W0[idx] of merged adapters
+        self.shira_indices = PatternDict(self.layer_name)
+        self._merged_originals: dict[str, Tensor] = {}  # W0[idx] of merged adapters
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.merged_adapters: list[str] = []
         self._active_adapters: list[str] = [adapter_name]
         self._disable_adapters = False
-        self._layouts: dict[str, tuple[tuple, CsrLayout]] = {}
         self.fuse_mode = "auto"  # see set_fuse_mode
         self.fusable = True  # False when the weight is shared (tied) with another module
-        self._fused = FusedDelta()
+        self._fused = FusedWeight()
+        self._weight = weakref.ref(base_layer.weight)  # the only tensor a fused forward writes into
         self._register_state_dict_hook(_report_unfused_weight)
         self._register_load_state_dict_pre_hook(_unfuse_before_load, with_module=True)
         self.update_layer(adapter_name, mask, r, init_weights=init_weights, indices=indices, csr=csr)
 
     # ---- adapters -------------------------------------------------------------------
-    def update_layer(
-        self,
-        adapter_name: str,
-        mask: Optional[Tensor],
-        r: int,
-        init_weights: bool = True,
-        indices: Optional[Tensor] = None,
-        csr: Optional[tuple[Tensor, Tensor]] = None,
-    ) -> None:
-        """Add adapter ``adapter_name`` with the pattern of ``mask`` (or stored ``indices``, or
-        ``csr`` from shira_dist's own mask: see the class docstring)."""
-        where = f"{self.layer_name} ({self.out_features}x{self.in_features})"
-        nnz = shira_budget(self.out_features, self.in_features, r, where=self.layer_name)
-        weight = self.base_layer.weight
+    def update_layer(self, adapter_name: str, mask: Optional[Tensor], r: int, init_weights: bool = True,
+                     indices: Optional[Tensor] = None, csr: Optional[tuple[Tensor, Tensor]] = None) -> None:
+        """Add adapter ``adapter_name`` with the pattern of ``mask`` (or ``indices``, or ``csr``)."""
         shape = (self.out_features, self.in_features)
-        if sum(x is not None for x in (mask, indices, csr)) != 1:
-            raise ValueError(f"{where}: give exactly one of mask, indices or csr for adapter {adapter_name!r}")
-        if csr is not None:
-            if csr[1].shape != (nnz,):
-                raise ValueError(f"{where}: adapter {adapter_name!r} has a csr pattern of {tuple(csr[1].shape)} "
-                                 f"columns, expected ({nnz},) = r*(in+out) for r={r}")
-            idx = None
-        elif mask is not None:
-            idx = mask_to_indices(mask, shape, nnz, where)
-        else:
-            validate_indices(indices, shape, where)
-            if indices.shape[1] != nnz:
-                raise ValueError(f"{where}: adapter {adapter_name!r} has {indices.shape[1]} indices, "
-                                 f"expected r*(in+out)={nnz} for r={r}")
-            idx = indices.to(torch.int32)
-        given = idx if idx is not None else csr[1]
-        device = weight.device if weight.device.type != "meta" else given.device
+        nnz = shira_budget(*shape, r, where=self.layer_name)
+        pattern = make_pattern(shape, nnz, f"{self.layer_name} {shape} adapter {adapter_name!r}",
+                               mask=mask, indices=indices, csr=csr)
+        weight = self.base_layer.weight
+        device = weight.device if weight.device.type != "meta" else pattern.col.device
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         init = torch.zeros(nnz, dtype=dtype, device=device) if init_weights else torch.randn(nnz, device=device).to(dtype)
         self.shira_weight[adapter_name] = nn.Parameter(init, requires_grad=adapter_name in self._active_adapters)
-        if idx is not None:
-            self.shira_indices[adapter_name] = idx.to(device)
-        else:
-            self.shira_indices.set_csr(adapter_name, csr[0].to(device), csr[1].to(device))
+        self.shira_indices[adapter_name] = pattern.to(device)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = 1.0
-        self._layouts.pop(adapter_name, None)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
@@ -157,8 +118,8 @@ class ShiraLinear(nn.Module):
         self.unfuse()
         del self.shira_weight[adapter_name]
         del self.shira_indices[adapter_name]
-        for d in (self.r, self.scaling, self._layouts):
-            d.pop(adapter_name, None)
+        self.r.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
 
     def _check_known(self, adapter_name: str) -> None:
@@ -185,6 +146,9 @@ class ShiraLinear(nn.Module):
         return self._disable_adapters
 
     def enable_adapters(self, enabled: bool) -> None:
+        """Disabling unmerges merged adapters first (the disabled forward is the base layer's)."""
+        if not enabled and self.merged:
+            self.unmerge()
         self._disable_adapters = not enabled
 
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -193,16 +157,9 @@ class ShiraLinear(nn.Module):
             raise ValueError(f"{self.layer_name}: adapter {adapter!r} is merged; unmerge before changing its scale")
         self.scaling[adapter] = float(scale)
 
-    # ---- math -------------------------------------------------------------------------
-    def _layout(self, adapter: str) -> CsrLayout:
-        """The kernels' view of the stored pattern (rebuilt only when the buffers change)."""
-        pattern = self.shira_indices.pattern(adapter)
-        key = pattern.stamp()
-        cached = self._layouts.get(adapter)
-        if cached is None or cached[0] != key:
-            cached = (key, pattern.layout())
-            self._layouts[adapter] = cached
-        return cached[1]
+    def _adapter(self, name: str) -> Adapter:
+        """(name, layout, values, scale): what the kernels take for one adapter."""
+        return name, self.shira_indices.pattern(name).layout(), self.shira_weight[name], self.scaling[name]
 
     def get_delta_weight(self, adapter: str) -> Tensor:
         """The adapter's scaled delta as a coalesced sparse COO tensor (out, in), nnz = r*(in+out)."""
@@ -211,79 +168,108 @@ class ShiraLinear(nn.Module):
         vals = self.shira_weight[adapter] * self.scaling[adapter]
         return torch.sparse_coo_tensor(idx, vals, (self.out_features, self.in_features)).coalesce()
 
-    # ---- fused mode ---------------------------------------------------------------------
-    def set_fuse_mode(self, mode: str) -> None:
-        """"auto" (fuse when safe, see ``fuse_blocker``), "fused" (always; error if unsafe), "unfused"."""
-        if mode not in FUSE_MODES:
-            raise ValueError(f"fuse mode {mode!r} is invalid; allowed: {FUSE_MODES}")
-        self.fuse_mode = mode
-
-    def fuse_blocker(self) -> Optional[str]:
-        """Why this layer cannot run fused, or None."""
-        w = self.base_layer.weight
-        if not self.fusable:
-            return "its weight is shared with another module (tied weights)"
-        if hasattr(w, "ds_id"):
-            return "its weight is managed by DeepSpeed ZeRO (partitioned or updated in flat buffers)"
-        if type(w) not in (torch.Tensor, nn.Parameter):
-            return f"its weight is a {type(w).__name__} (sharded or quantized), not a plain tensor"
-        if tuple(w.shape) != (self.out_features, self.in_features):
-            return f"its weight has shape {tuple(w.shape)} (partitioned, e.g. DeepSpeed ZeRO-3)"
-        if not w.dtype.is_floating_point or w.device.type == "meta":
-            return f"its weight is {w.dtype} on {w.device.type}, not a writable float tensor"
-        if self.merged:
-            return "adapters are merged into the weight"
-        return None
-
-    @property
-    def fused(self) -> bool:
-        """True while the base weight holds the active adapters' deltas (fused mode)."""
-        return self._fused.active
-
-    def _use_fused(self, active: list[str]) -> bool:
-        if self.fuse_mode == "unfused" or not active:
-            return False
-        blocker = self.fuse_blocker()
-        if blocker is not None:
-            if self.fuse_mode == "fused":
-                raise RuntimeError(f"{self.layer_name}: fuse mode 'fused' but the layer cannot fuse: {blocker}")
-            return False
-        return self.fuse_mode == "fused" or self.base_layer.weight.dtype in _FUSE_DTYPES
-
-    def unfuse(self) -> None:
-        """Put W0 back at the fused indices (bit-exact); the next fused forward re-writes them."""
-        if self._fused.active:
-            self._fused.restore(self.base_layer.weight.data, self._layout)
-
+    # ---- forward ----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            self.unfuse()
-            return self.base_layer(x)
-        active = [n for n in self._active_adapters if n in self.shira_weight and n not in self.merged_adapters]
-        if self._use_fused(active):
-            if not self._fused.is_current(active, self.shira_weight, self.scaling):
-                self._fused.write(self.base_layer.weight.data, active, self._layout, self.shira_weight,
-                                  self.scaling)
+        active = [] if self._disable_adapters else [
+            n for n in self._active_adapters if n in self.shira_weight and n not in self.merged_adapters]
+        with used_by(self, [self.shira_weight[n] for n in active]):  # ZeRO-3: gathered with this layer
+            return self._forward(x, [self._adapter(n) for n in active])
+
+    def _forward(self, x: Tensor, adapters: list[Adapter]) -> Tensor:
+        if adapters and torch.is_grad_enabled() and self._fuses():
+            self._fused.write(self.base_layer.weight.data, adapters)
             y = self.base_layer(x)
-            if torch.is_grad_enabled():
-                for name in active:
-                    if self.shira_weight[name].requires_grad:
-                        y = fused_values_grad(y, x, self.shira_weight[name], self._layout(name), self.scaling[name])
+            for name, layout, values, scale in adapters:
+                if values.requires_grad:
+                    y = fused_values_grad(y, x, values, layout, scale)
             return y
         self.unfuse()
         y = self.base_layer(x)
-        for name in active:
-            # whole(): under FSDP2 this adapter's columns are gathered for this product only (and
-            # again by the kernel for its backward); a no-op elsewhere
-            with self.shira_indices.pattern(name).whole():
-                values, layout, scale = self.shira_weight[name], self._layout(name), self.scaling[name]
-                if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or values.requires_grad):
-                    y = y + sparse_delta_matmul(x, values, layout, scale).to(y.dtype)
-                else:  # inference: the kernel adds into the base layer's fresh output, no delta tensor
-                    y = sparse_delta_add_(y, x, values, layout, scale)
+        for name, layout, values, scale in adapters:
+            if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or values.requires_grad):
+                y = y + sparse_delta_matmul(x, values, layout, scale).to(y.dtype)
+            else:  # inference: the kernel adds into the base layer's fresh output, no delta tensor
+                y = sparse_delta_add_(y, x, values, layout, scale)
         return y
+
+    # ---- fused mode ---------------------------------------------------------------------
+    def set_fuse_mode(self, mode: str) -> None:
+        """"auto" (fuse fp32/fp64 weights that can be), "fused" (fuse any float weight; error
+        if it cannot be), "unfused" (never; restores W0 now)."""
+        if mode not in FUSE_MODES:
+            raise ValueError(f"fuse mode {mode!r} is invalid; allowed: {FUSE_MODES}")
+        if mode == "fused":
+            self._check_fusable()
+        self.fuse_mode = mode
+        if mode == "unfused":
+            self.unfuse()
+
+    def fuse_blocker(self) -> Optional[str]:
+        """Why a forward cannot write into the base weight now, or None."""
+        w = self.base_layer.weight
+        if not self.fusable:
+            return "its weight is shared with another module (tied weights)"
+        if not _plain(w):
+            return f"its weight is a {type(w).__name__} (quantized or sharded), not a plain tensor"
+        if w is not self._weight():
+            return ("its weight is not the parameter this layer wrapped (an engine such as FSDP replaced it, "
+                    "e.g. with a copy gathered for this forward only)")
+        if hasattr(w, "ds_id"):
+            return "DeepSpeed ZeRO-3 manages its weight (gathered for each forward and freed after)"
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            return f"its weight has shape {tuple(w.shape)} (partitioned)"
+        if not w.dtype.is_floating_point or w.device.type == "meta":
+            return f"its weight is {w.dtype} on {w.device.type}, not a writable float tensor"
+        return None
+
+    def _check_fusable(self) -> None:
+        blocker = self.fuse_blocker()
+        if blocker is not None:
+            error = TypeError if not _plain(self.base_layer.weight) else ValueError
+            raise error(f"{self.layer_name}: cannot run fused: {blocker}; use fuse mode 'auto' or 'unfused' "
+                        "(base forward plus the sparse product)")
+
+    def _fuses(self) -> bool:
+        if self.fuse_mode == "fused":
+            self._check_fusable()
+            return True
+        w = self.base_layer.weight
+        return self.fuse_mode == "auto" and w.dtype in _FUSE_DTYPES and self.fuse_blocker() is None
+
+    @property
+    def fused(self) -> bool:
+        """True while the base weight holds the active adapters' deltas (after a fused forward)."""
+        return self._fused.active
+
+    def unfuse(self) -> None:
+        """Put W0 back at the fused entries (bit-exact); a no-op when nothing is fused."""
+        if not self._fused.active:
+            return
+        w = self.base_layer.weight
+        if w is not self._weight() or not _plain(w) or tuple(w.shape) != (self.out_features, self.in_features):
+            raise RuntimeError(
+                f"{self.layer_name}: its base weight was replaced or re-partitioned ({type(w).__name__} "
+                f"{tuple(w.shape)}) while it held the fused adapter (W0 + delta at the adapter's entries), so the "
+                "new weight may carry the delta. Call model.unfuse() before handing a model that ran training "
+                "forwards to something that copies its weights (FSDP, DeepSpeed, a quantizer); rebuild this one "
+                "from its base model and the saved adapter")
+        self._fused.restore(w.data)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.unfuse()  # .to(), .half(), ...: move or convert W0, not a fused write
+        out = super()._apply(fn, recurse)
+        self._merged_originals = {name: fn(t) for name, t in self._merged_originals.items()}  # as buffers are
+        return out
+
+    def __getstate__(self) -> dict:  # copy.deepcopy, pickling: of W0 and the adapters, not a fused write
+        self.unfuse()
+        state = self.__dict__.copy()
+        state.pop("_weight")  # a weakref: re-made for the copy's own weight
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._weight = weakref.ref(self.base_layer.weight)
 
     # ---- merge ------------------------------------------------------------------------
     @property
@@ -293,7 +279,9 @@ class ShiraLinear(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write active (or named) adapters into the base weight at their indices only."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        self._check_whole_weight("merge")
+        self.check_mergeable("merge")
+        if self._disable_adapters:
+            raise ValueError(f"{self.layer_name}: adapters are disabled; enable them before merging")
         self.unfuse()
         for name in names:
             if name not in self.shira_weight:
@@ -303,11 +291,9 @@ class ShiraLinear(nn.Module):
             if name in self.merged_adapters:
                 warnings.warn(f"{self.layer_name}: adapter {name!r} is already merged; nothing to do")
                 continue
-            originals = scatter_merge_(
-                self.base_layer.weight.data, self._layout(name), self.shira_weight[name],
-                self.scaling[name], check_finite=safe_merge,
-            )
-            self._merged_originals[name] = originals
+            _, layout, values, scale = self._adapter(name)
+            self._merged_originals[name] = scatter_merge_(self.base_layer.weight.data, layout, values, scale,
+                                                          check_finite=safe_merge)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -315,18 +301,28 @@ class ShiraLinear(nn.Module):
         if not self.merged:
             warnings.warn(f"{self.layer_name}: already unmerged; nothing to do")
             return
-        self._check_whole_weight("unmerge")
+        self.check_mergeable("unmerge")
+        self.unfuse()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            scatter_restore_(self.base_layer.weight.data, self._layout(name), self._merged_originals[name])
-            del self._merged_originals[name]
+            layout = self.shira_indices.pattern(name).layout()
+            scatter_restore_(self.base_layer.weight.data, layout, self._merged_originals.pop(name))
 
-    def _check_whole_weight(self, action: str) -> None:
-        if is_partitioned(self.base_layer.weight):
+    def check_mergeable(self, action: str) -> None:
+        """Merging writes into the whole base weight: refuse anything but a plain, whole tensor."""
+        w = self.base_layer.weight
+        if hasattr(w, "ds_id"):
             raise RuntimeError(
                 f"{self.layer_name}: cannot {action}: the base weight is a DeepSpeed ZeRO-3 partition (the model was "
                 "built under deepspeed.zero.Init or wrapped by a ZeRO-3 engine), and merging writes whole weights; "
                 "save the adapter (shira_dist.distributed.save_adapter) and merge it into a whole model in one process")
+        if not _plain(w) or tuple(w.shape) != (self.out_features, self.in_features):
+            raise TypeError(
+                f"{self.layer_name}: cannot {action}: its base weight is a {type(w).__name__} of shape "
+                f"{tuple(w.shape)} (quantized or sharded), not a plain ({self.out_features}, {self.in_features}) "
+                "tensor. Keep the adapter unmerged (forwards run the quantized base plus the sparse product), or "
+                "merge into a float copy of the base: load it unquantized, PeftModel.from_pretrained(base, "
+                "adapter_dir), merge_and_unload(), then quantize the result")
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.shira_weight)}, r={self.r}, active={self._active_adapters}, merged={self.merged_adapters}"
@@ -334,10 +330,9 @@ class ShiraLinear(nn.Module):
 
 def _report_unfused_weight(module: ShiraLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict hook: a fused layer reports its base weight as W0 (the adapter is saved separately)."""
-    if module._fused.active:
-        key = prefix + "base_layer.weight"
-        if key in state_dict:
-            state_dict[key] = module._fused.unfused_copy(module.base_layer.weight.data, module._layout)
+    key = prefix + "base_layer.weight"
+    if module._fused.active and key in state_dict:
+        state_dict[key] = module._fused.unfused_copy(module.base_layer.weight.data)
 
 
 def _unfuse_before_load(module: ShiraLinear, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .masks import _generator, _sparse_mask, _weight_of, sample_distinct, shira_budget
+from .masks import _generator, _sparse_mask, _weight_of, layer_shape, sample_distinct, shira_budget
 from .partitioned import full_shape, gathered
 
 # ---- scores (pure) ------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def topk_positions(scores: Tensor, k: int) -> Tensor:
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Sparse COO (out, in) mask of ones at the k largest scores (see :func:`topk_positions`)."""
-    return _sparse_mask(topk_positions(scores, k), scores)
+    return _sparse_mask(topk_positions(scores, k), tuple(scores.shape), scores.dtype)
 
 
 def _sample_outside(taken: Tensor, total: int, m: int, generator: torch.Generator) -> Tensor:
@@ -191,9 +191,10 @@ def struct_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None
     extra kwargs are ignored.
     """
     weight = _weight_of(base_layer)
-    out_f, in_f = full_shape(weight)  # a ZeRO-3 partitioned weight works as it is
+    out_f, in_f = layer_shape(base_layer)  # a ZeRO-3 partitioned or packed quantized weight works as it is
     device = _sampling_device(weight)
-    return _sparse_mask(struct_positions(out_f, in_f, r, _generator(device, random_seed), device), weight)
+    return _sparse_mask(struct_positions(out_f, in_f, r, _generator(device, random_seed), device), (out_f, in_f),
+                        weight.dtype)
 
 
 def weight_magnitude_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None, **kwargs) -> Tensor:
@@ -205,10 +206,15 @@ def weight_magnitude_mask(base_layer: nn.Module, r: int, random_seed: Optional[i
     of ones on the weight's device.
     """
     weight = _loaded_weight(base_layer, "weight_magnitude")
-    k = shira_budget(*full_shape(weight), r)
+    shape = full_shape(weight)
+    if shape != layer_shape(base_layer) or type(weight) not in (Tensor, nn.Parameter):
+        raise TypeError(f"mask_type='weight_magnitude' ranks the weight's values, but this {type(base_layer).__name__}'s "
+                        f"weight is a {type(weight).__name__} of shape {shape} (quantized or packed); compute the mask "
+                        "on the float model, or use mask_type='random' or 'struct'")
+    k = shira_budget(*shape, r)
     with gathered([weight]):
         flat = topk_positions(weight_magnitude_scores(weight), k)
-    return _sparse_mask(flat, weight)
+    return _sparse_mask(flat, shape, weight.dtype)
 
 
 def _scored_mask(base_layer: nn.Module, r: int, scores: Optional[Tensor], mask_type: str) -> Tensor:
@@ -219,14 +225,14 @@ def _scored_mask(base_layer: nn.Module, r: int, scores: Optional[Tensor], mask_t
             "(shira_dist.calibration.calibrate_masks(model, config, batches)), or call this mask "
             "function with scores=<(out, in) tensor>"
         )
-    shape = full_shape(weight)
+    shape = layer_shape(base_layer)
     if not isinstance(scores, Tensor) or tuple(scores.shape) != shape:
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"scores for mask_type={mask_type!r} must be a tensor of the weight's shape "
                          f"{shape} (out, in), got {got}")
     k = shira_budget(*shape, r)
     flat = topk_positions(scores.float(), k).to(_sampling_device(weight))
-    return _sparse_mask(flat, weight)
+    return _sparse_mask(flat, shape, weight.dtype)
 
 
 def gradient_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None,

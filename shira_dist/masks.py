@@ -77,10 +77,19 @@ def _weight_of(base_layer: nn.Module) -> Tensor:
     return weight
 
 
-def _sparse_mask(flat: Tensor, weight: Tensor) -> Tensor:
-    out_f, in_f = full_shape(weight)
+def layer_shape(base_layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer: its declared features (a quantized weight's storage may be
+    packed, a ZeRO-3 partition empty), else its weight's whole shape."""
+    if isinstance(getattr(base_layer, "out_features", None), int) and isinstance(getattr(base_layer, "in_features", None), int):
+        return base_layer.out_features, base_layer.in_features
+    return full_shape(_weight_of(base_layer))
+
+
+def _sparse_mask(flat: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """Sorted flat positions (nnz,) of an (out, in) pattern -> coalesced sparse COO mask of ones."""
+    out_f, in_f = shape
     idx = torch.stack([flat // in_f, flat % in_f])
-    ones = torch.ones(flat.numel(), dtype=weight.dtype, device=flat.device)
+    ones = torch.ones(flat.numel(), dtype=dtype if dtype.is_floating_point else torch.float32, device=flat.device)
     return torch.sparse_coo_tensor(idx, ones, (out_f, in_f), is_coalesced=True)
 
 
@@ -113,8 +122,8 @@ def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, *
     ``random_seed=None`` draws a fresh pattern every call; extra kwargs are ignored.
     """
     weight = _weight_of(base_layer)
-    out_f, in_f = full_shape(weight)
-    return _sparse_mask(_random_flat(out_f, in_f, r, random_seed, mask_device(weight)), weight)
+    shape = layer_shape(base_layer)
+    return _sparse_mask(_random_flat(*shape, r, random_seed, mask_device(weight)), shape, weight.dtype)
 
 
 def mask_device(weight: Tensor) -> torch.device:

@@ -20,9 +20,9 @@ from . import checkpoint as ckpt
 from .calibration import CALIBRATED_MASKS, LossFn, calibrate_masks
 from .config import ShiraConfig
 from .layer import ShiraLinear
-from .masks import MASK_FUNCTIONS, layer_seed, mask_device, random_csr, random_mask, shira_budget
+from .masks import MASK_FUNCTIONS, layer_seed, layer_shape, mask_device, random_csr, random_mask, shira_budget
 from .modules_to_save import ModulesToSave
-from .partitioned import full_numel, full_shape
+from .partitioned import full_numel
 from .targeting import find_modules_to_save, find_targets, get_submodule_parent
 
 
@@ -152,8 +152,7 @@ class ShiraModel(nn.Module):
                 shira_budget(base.out_features, base.in_features, config.r, where=name)
                 seed = None if config.random_seed is None else layer_seed(config.random_seed, name)
                 if config.mask_fn is random_mask:  # the built-in: its pattern made directly in CSR form
-                    weight = base.weight
-                    csr = random_csr(full_shape(weight), config.r, seed, mask_device(weight))
+                    csr = random_csr(layer_shape(base), config.r, seed, mask_device(base.weight))
                     patterns[name] = {"mask": None, "indices": None, "csr": csr}
                 else:
                     patterns[name] = {"mask": _call_mask_fn(config.mask_fn, base, config.r, seed), "indices": None}
@@ -188,16 +187,27 @@ class ShiraModel(nn.Module):
             layer.fusable = uses[id(layer.base_layer.weight)] == 1
 
     def set_fuse_mode(self, mode: str) -> None:
-        """Execution mode of every SHiRA layer: "auto" (default: fused where safe), "fused", "unfused".
+        """Execution mode of every SHiRA layer: "auto" (default), "fused", "unfused".
 
-        Fused: the base weights hold W0 + deltas in place and the forward is the base model's
-        own (inference at base speed, training adds only the values' SDDMM). Unfused: base
-        forward plus a sparse matmul per adapter. Results agree either way (tests/test_fused.py).
+        Every mode computes with the values as they are now. "auto": training forwards (autograd
+        on) write W0 + deltas into each plain fp32/fp64 base weight and run the base model's own
+        forward, adding only the values' SDDMM to the backward; other layers, and forwards
+        without autograd, run the base forward plus a sparse product. "fused": also fuse other
+        float weights (error for a layer that cannot). "unfused": never write into weights.
         """
-        for _, layer in self.shira_layers():
+        layers = [layer for _, layer in self.shira_layers()]
+        if mode == "fused":
+            for layer in layers:  # all checked before any changes
+                layer._check_fusable()
+        for layer in layers:
             layer.set_fuse_mode(mode)
-            if mode == "unfused":
-                layer.unfuse()
+
+    def unfuse(self) -> None:
+        """Put W0 back into every base weight a training forward fused (bit-exact); the next
+        training forward writes the deltas again. Call it before handing a model that has run
+        training forwards to something that copies its weights (sharding, quantizing)."""
+        for _, layer in self.shira_layers():
+            layer.unfuse()
 
     def _check_adapters(self, names: Iterable[str]) -> list[str]:
         names = list(names)
@@ -281,6 +291,8 @@ class ShiraModel(nn.Module):
     # ---- merge / unload ----------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         names = self._check_adapters(adapter_names) if adapter_names is not None else self.active_adapters
+        for _, layer in self.shira_layers():  # every layer checked before any is written
+            layer.check_mergeable("merge")
         for _, layer in self.shira_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=[n for n in names if n in layer.shira_weight])
 
@@ -314,10 +326,8 @@ class ShiraModel(nn.Module):
     # ---- parameters --------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         # full_numel: a ZeRO-3 partitioned parameter counts whole (its numel() is this rank's part).
-        # Index columns that ZeRO-3/FSDP2 made parameters (to shard them) are indices, not weights.
-        indices = {id(p.col) for _, layer in self.shira_layers() for p in layer.shira_indices.patterns.values()}
         trainable = sum(full_numel(p) for p in self.parameters() if p.requires_grad)
-        return trainable, sum(full_numel(p) for p in self.parameters() if id(p) not in indices)
+        return trainable, sum(full_numel(p) for p in self.parameters())
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -9,8 +9,11 @@ never holds a whole weight on any rank: each parameter keeps only its own partit
 outside the engine's forward. Adding SHiRA adapters needs only the targeted layers' shapes for
 ``random`` and ``struct`` masks; ``weight_magnitude`` reads one layer's weight at a time
 (gathered, then freed); copies for ``modules_to_save`` are made from a gathered module and
-handed to the engine as ordinary parameters. Nothing here imports DeepSpeed unless a
-partitioned tensor is actually present.
+handed to the engine as ordinary parameters. A SHiRA layer's forward reads its values
+itself (they live in a ParameterDict, whose own forward never runs, so ZeRO-3 would not
+gather them): :func:`used_by` registers them with the layer, as DeepSpeed asks for parameters
+used outside their module. Nothing here imports DeepSpeed unless a partitioned tensor is
+actually present.
 """
 
 from __future__ import annotations
@@ -48,6 +51,26 @@ def gathered(tensors: Iterable[Tensor]) -> Iterator[None]:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+@contextlib.contextmanager
+def used_by(module: nn.Module, params: Iterable[Tensor]) -> Iterator[None]:
+    """``module``'s forward reads ZeRO-3 partitioned ``params`` that another (never called)
+    module owns: register them as its external parameters, so the engine gathers them with
+    ``module`` for every forward and backward from now on, and gather any the engine has not
+    gathered for this call yet (the first one, since it ran before they were registered).
+    A no-op when none is partitioned."""
+    partitioned = [p for p in params if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    for p in partitioned:
+        deepspeed.zero.register_external_parameter(module, p)
+    missing = [p for p in partitioned if p.numel() == 0]
+    with deepspeed.zero.GatheredParameters(missing) if missing else contextlib.nullcontext():
         yield
 
 

@@ -24,7 +24,6 @@ from shira_dist.distributed import (
     sync_adapters,
     trainable_bytes,
     unwrap_shira_model,
-    use_unfused_path,
 )
 from tests.conftest import tiny_llama
 
@@ -51,13 +50,6 @@ def test_unwrap_finds_the_shira_model_inside_wrappers():
     assert unwrap_shira_model(holder) is model
     with pytest.raises(TypeError, match="holds no ShiraModel"):
         unwrap_shira_model(nn.Linear(2, 2))
-
-
-def test_use_unfused_path_switches_every_layer():
-    model = _model()
-    layers = [m for m in model.modules() if isinstance(m, ShiraLinear)]
-    assert use_unfused_path(model) == len(layers) == 14
-    assert {layer.fuse_mode for layer in layers} == {"unfused"}
 
 
 def test_gather_and_save_in_one_process_match_save_pretrained(tmp_path):
@@ -186,62 +178,53 @@ def test_calibration_refuses_an_fsdp2_sharded_model():
         dist.destroy_process_group()
 
 
-def test_fsdp2_gathers_each_pattern_only_around_its_product():
-    """shard_fsdp2 makes every pattern an FSDP2 unit of its own: sharded (DTensor) outside
-    use, whole inside ``SparsePattern.whole()`` (nested blocks gather once), and the model's
-    outputs and values' gradients equal the unsharded model's, in training and inference."""
-    from torch.distributed.fsdp import FSDPModule
+def test_fsdp2_in_one_process_matches_the_unsharded_model():
+    """shard_fsdp2 on a model in the default mode: FSDP2 swaps a gathered copy in for each
+    weight during forward, which the layers do not fuse into (not the weight they wrapped);
+    loss, values' gradients and inference logits equal the unsharded model's; patterns stay
+    replicated buffers and read back exactly."""
     from torch.distributed.tensor import DTensor
-
-    from shira_dist.distributed import whole_patterns
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ref, model = _model(), _model()
+        ref.set_fuse_mode("unfused")
         ids = torch.randint(0, 64, (2, 8))
         indices = {n: layer.shira_indices["default"] for n, layer in model.shira_layers()}
         shard_fsdp2(model)
-        patterns = [layer.shira_indices.pattern("default") for _, layer in model.shira_layers()]
-        assert patterns and all(isinstance(p, FSDPModule) and isinstance(p.col, DTensor) for p in patterns)
-        p = patterns[0]
-        with p.whole():
-            with p.whole():
-                assert type(p.col) is nn.Parameter and p.is_available()
-            assert type(p.col) is nn.Parameter  # the outer block still holds it
-        assert isinstance(p.col, DTensor) and not p.is_available()
-
-        use_unfused_path(ref)
+        layers = [layer for _, layer in model.shira_layers()]
+        assert all(isinstance(layer.base_layer.weight, DTensor) for layer in layers)
+        seen = []
+        layers[0].base_layer.register_forward_pre_hook(lambda m, a: seen.append(layers[0].fuse_blocker()))
         loss_ref = ref(input_ids=ids, labels=ids).loss
         loss_ref.backward()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        assert seen and "not the parameter this layer wrapped" in seen[0] and not any(x.fused for x in layers)
         torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
         grads_ref = {n: layer.shira_weight["default"].grad for n, layer in ref.shira_layers()}
         for n, layer in model.shira_layers():
             torch.testing.assert_close(layer.shira_weight["default"].grad.full_tensor(), grads_ref[n],
                                        rtol=1e-5, atol=1e-7)
-        assert all(isinstance(q.col, DTensor) for q in patterns)  # resharded after forward and backward
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
-        assert all(isinstance(q.col, DTensor) for q in patterns)
-        with whole_patterns(model):
-            for n, layer in model.shira_layers():
-                assert torch.equal(layer.shira_indices["default"], indices[n])
-        assert all(isinstance(q.col, DTensor) for q in patterns)
+        for n, layer in model.shira_layers():
+            assert "shira_indices.patterns.default.col" in dict(layer.named_buffers())
+            assert torch.equal(layer.shira_indices["default"], indices[n])
     finally:
         dist.destroy_process_group()
 
 
 def test_fsdp2_bf16_mixed_precision_keeps_index_columns_exact():
-    """shard_fsdp2(mp_policy=bf16 params, fp32 reduce): FSDP2 casts only floating parameters, so
-    the pattern units' uint8 columns are gathered as they are; loss and values' gradients stay
-    within bf16 rounding of the fp32 unsharded model (stated: loss 1e-3, gradients 10 % by norm)."""
+    """shard_fsdp2(mp_policy=bf16 params, fp32 reduce): FSDP2 casts parameters only, so the
+    patterns' uint8 column buffers stay as they are; loss and values' gradients stay within bf16
+    rounding of the fp32 unsharded model (stated: loss 1e-3, gradients 10 % by norm)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ref, model = _model(), _model()
-        use_unfused_path(ref)
+        ref.set_fuse_mode("unfused")
         shard_fsdp2(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
         ids = torch.randint(0, 64, (2, 8))
         loss_ref = ref(input_ids=ids, labels=ids).loss
@@ -251,10 +234,7 @@ def test_fsdp2_bf16_mixed_precision_keeps_index_columns_exact():
         torch.testing.assert_close(loss.float(), loss_ref, rtol=1e-3, atol=0)
         grads_ref = {n: layer.shira_weight["default"].grad for n, layer in ref.shira_layers()}
         for n, layer in model.shira_layers():
-            pattern = layer.shira_indices.pattern("default")
-            assert pattern.col.dtype == torch.uint8
-            with pattern.whole():
-                assert pattern.col.dtype == torch.uint8
+            assert layer.shira_indices.pattern("default").col.dtype == torch.uint8
             grad = layer.shira_weight["default"].grad.full_tensor()
             assert grad.dtype == torch.float32
             assert float((grad - grads_ref[n]).norm() / grads_ref[n].norm()) < 0.1, n

@@ -64,8 +64,7 @@ def test_fused_weight_outside_mask_is_bit_identical_and_no_drift():
     w0 = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     model = get_peft_model(base, ShiraConfig(r=2, target_modules=TARGETS, random_seed=0))
     _train(model, 4)
-    with torch.no_grad():
-        model(_batches(1)[0])  # the forward after an optimizer step re-writes the fused entries
+    model(_batches(1)[0])  # a training forward after the last optimizer step re-writes the fused entries
     for name, layer in _layers(model):
         w = layer.base_layer.weight.detach()
         ref0 = w0[name[len("model."):]]
@@ -77,8 +76,10 @@ def test_fused_weight_outside_mask_is_bit_identical_and_no_drift():
         expected = (ref0[idx[0], idx[1]] + layer.shira_weight["default"].detach()).to(w.dtype)
         assert torch.equal(w[idx[0], idx[1]], expected), name
         assert torch.equal(model.state_dict()[name + ".base_layer.weight"], ref0)  # state_dict reports W0
-        layer.unfuse()
-        assert torch.equal(layer.base_layer.weight, ref0)
+    with torch.no_grad():  # a forward without autograd runs unfused, on W0 restored bit for bit
+        model(_batches(1)[0])
+    for name, layer in _layers(model):
+        assert not layer.fused and torch.equal(layer.base_layer.weight, w0[name[len("model."):]]), name
 
 
 def test_fused_switch_disable_and_merge_roundtrip():
@@ -124,9 +125,9 @@ def test_auto_falls_back_for_tied_and_half_precision_weights():
     layers = dict(_layers(model))
     assert not layers["model.lm_head"].fused and layers["model.model.layers.0.self_attn.q_proj"].fused
     assert "tied" in layers["model.lm_head"].fuse_blocker()
-    model.set_fuse_mode("fused")
-    with pytest.raises(RuntimeError, match="lm_head.*cannot fuse.*tied"):
-        model(ids)
+    with pytest.raises(ValueError, match="lm_head: cannot run fused: its weight is shared.*tied"):
+        model.set_fuse_mode("fused")
+    assert {layer.fuse_mode for layer in layers.values()} == {"auto"}  # checked before any layer changed
     with pytest.raises(ValueError, match="fuse mode 'sometimes' is invalid"):
         model.set_fuse_mode("sometimes")
 
@@ -142,3 +143,118 @@ def test_base_layer_hooks_fire_in_fused_mode():
     q.base_layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
     model(_batches(1)[0])
     assert q.fused and len(seen) == 1
+
+
+def _reference_logits(model, ids):
+    """The same model's logits in the pure mode (base forward + sparse product), then back to auto."""
+    model.set_fuse_mode("unfused")
+    with torch.no_grad():
+        out = model(ids).logits
+    model.set_fuse_mode("auto")
+    return out
+
+
+def test_fuses_only_into_the_weight_it_wrapped():
+    """A weight swapped in by someone else (an engine's gathered copy) is never written into: the
+    layer runs unfused on it and leaves it untouched."""
+    model = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False, random_seed=0))
+    ids = _batches(1)[0]
+    q = dict(_layers(model))["model.model.layers.0.self_attn.q_proj"]
+    original = q.base_layer.weight
+    swapped = torch.nn.Parameter(original.detach().clone(), requires_grad=False)
+    q.base_layer.weight = swapped
+    before = swapped.detach().clone()
+    loss = model(ids, labels=ids).loss
+    assert not q.fused and "not the parameter this layer wrapped" in q.fuse_blocker()
+    assert torch.equal(swapped, before)
+    q.base_layer.weight = original
+    torch.testing.assert_close(loss, model(ids, labels=ids).loss, rtol=1e-6, atol=0)
+    assert q.fused
+
+
+def test_a_weight_replaced_while_fused_is_a_clear_error():
+    model = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False, random_seed=0))
+    ids = _batches(1)[0]
+    q = dict(_layers(model))["model.model.layers.0.self_attn.q_proj"]
+    model(ids, labels=ids)  # a training forward: W0 + delta written in place
+    carried = torch.nn.Parameter(q.base_layer.weight.detach().clone(), requires_grad=False)  # e.g. a sharding copy
+    original, q.base_layer.weight = q.base_layer.weight, carried
+    with pytest.raises(RuntimeError, match=r"^model.layers.0.self_attn.q_proj: its base weight was replaced.*"
+                                           r"model.unfuse\(\)"):
+        model(ids)
+    q.base_layer.weight = original
+    model.unfuse()  # the way to hand the model over: W0 again, bit for bit
+    assert not q.fused
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _reference_logits(model, ids), rtol=0, atol=1e-6)
+
+
+def test_copies_moves_and_pickles_of_a_fused_model_hold_w0():
+    import copy
+    import io
+
+    base_w = tiny_llama().model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False, random_seed=0))
+    ids = _batches(1)[0]
+    model(ids, labels=ids)
+    expected = _reference_logits(model, ids)
+    model(ids, labels=ids)
+    q = lambda m: dict(_layers(m))["model.model.layers.0.self_attn.q_proj"]  # noqa: E731
+    assert q(model).fused
+    twin = copy.deepcopy(model)
+    assert torch.equal(q(twin).base_layer.weight, base_w) and torch.equal(q(model).base_layer.weight, base_w)
+    buf = io.BytesIO()
+    model(ids, labels=ids)
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(q(loaded).base_layer.weight, base_w)
+    for other in (twin, loaded):
+        other(ids, labels=ids)
+        assert q(other).fused  # each copy fuses into its own weight
+        with torch.no_grad():
+            torch.testing.assert_close(other(ids).logits, expected, rtol=0, atol=1e-6)
+    model(ids, labels=ids)
+    model.double()  # converts W0, not W0 + delta
+    assert not q(model).fused and torch.equal(q(model).base_layer.weight, base_w.double())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected.double(), rtol=0, atol=1e-5)
+
+
+def test_several_active_adapters_train_fused_like_unfused():
+    """Two adapters active at once, their patterns overlapping: every fused forward re-merges
+    both from W0 (one adapter's saved entries may hold the other's delta)."""
+    def build(mode):
+        m = get_peft_model(tiny_llama(), ShiraConfig(r=8, target_modules=["q_proj", "up_proj"], random_seed=0),
+                           adapter_name="a")
+        m.add_adapter("b", ShiraConfig(r=8, target_modules=["q_proj", "up_proj"], random_seed=1))
+        m.set_adapter(["a", "b"])
+        m.set_fuse_mode(mode)
+        return m
+
+    fused, unfused = build("auto"), build("unfused")
+    q = dict(_layers(fused))["model.model.layers.0.self_attn.q_proj"]
+    a, b = (set(map(tuple, q.shira_indices[n].t().tolist())) for n in ("a", "b"))
+    assert a & b  # r=8 of a 32x32 weight: the two patterns share entries
+    torch.testing.assert_close(_train(fused, 4), _train(unfused, 4), rtol=1e-5, atol=0)
+    assert q.fused
+    for (_, x), (_, y) in zip(_layers(fused), _layers(unfused)):
+        for n in ("a", "b"):
+            torch.testing.assert_close(x.shira_weight[n], y.shira_weight[n], atol=1e-5, rtol=0)
+
+
+def test_disabling_unmerges_and_merging_needs_enabled_adapters():
+    """The forward never changes merges: disabling adapters unmerges them at the call."""
+    model = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False, random_seed=0))
+    ids = _batches(1)[0]
+    with torch.no_grad():
+        y0 = tiny_llama()(ids).logits
+        model.merge_adapter()
+        q = dict(_layers(model))["model.model.layers.0.self_attn.q_proj"]
+        q.enable_adapters(False)
+        assert not q.merged
+        with pytest.raises(ValueError, match="q_proj: adapters are disabled; enable them before merging"):
+            q.merge()
+        for _, layer in _layers(model):
+            layer.enable_adapters(False)
+        assert torch.equal(model(ids).logits, y0)

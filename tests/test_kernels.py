@@ -49,54 +49,6 @@ def test_delta_matmul_matches_dense_fp64(out_f, in_f, nnz, empty_rows):
     torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
-def test_kernels_read_columns_only_inside_the_layouts_access(backend, monkeypatch):
-    """A layout whose columns an engine keeps sharded between uses (FSDP2) carries ``access``:
-    the forward, the backward and the in-place inference product each read ``col`` inside it.
-    Outside, ``col`` holds wrong columns here, so a read outside the block gives wrong results."""
-    import contextlib
-
-    from shira_dist.kernels import cpu_sddmm
-
-    if backend == "torch":
-        monkeypatch.setattr(cpu_sddmm, "usable", lambda *a: False)
-    idx = _pattern(40, 36, 300, seed=5, shuffle=False)
-    layout = build_csr_layout(idx, (40, 36), find_blocks=False)
-    whole = layout.col_store
-    wrong = torch.zeros_like(whole)
-    entered = []
-
-    @contextlib.contextmanager
-    def access():
-        entered.append(1)
-        layout.col_store = whole
-        try:
-            yield
-        finally:
-            layout.col_store = wrong
-
-    layout.access, layout.col_store = access, wrong
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 36, dtype=torch.float64, generator=g, requires_grad=True)
-    v = torch.randn(300, dtype=torch.float64, generator=g, requires_grad=True)
-    x_ref, v_ref = x.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True)
-    gy = torch.randn(6, 40, dtype=torch.float64, generator=g)
-    y = sparse_delta_matmul(x, v, layout, 0.5)
-    assert len(entered) == 1
-    (y * gy).sum().backward()
-    assert len(entered) == 2
-    y_ref = delta_matmul_reference(x_ref, idx, v_ref, 0.5, (40, 36))
-    (y_ref * gy).sum().backward()
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():
-        base = torch.randn(6, 40, dtype=torch.float64, generator=g)
-        out = sparse_delta_add_(base.clone(), x, v, layout, 0.5)
-    assert len(entered) >= 3  # (the torch fallback enters again inside, for its product)
-    torch.testing.assert_close(out, base + y_ref.detach(), rtol=1e-12, atol=1e-12)
-
-
 def test_delta_matmul_fp32_and_bf16_inputs():
     idx = _pattern(48, 40, 300, seed=3)
     layout = build_csr_layout(idx, (48, 40))

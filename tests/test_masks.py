@@ -145,17 +145,17 @@ def test_model_random_masks_match_the_mask_function_per_layer(llama):
 
 def test_csr_patterns_are_checked_for_their_shape_and_budget():
     from shira_dist import ShiraLinear
-    from shira_dist.patterns import SparsePattern
+    from shira_dist.patterns import make_pattern
 
     crow = torch.tensor([0, 2, 3], dtype=torch.int32)
     col = torch.tensor([0, 4, 1], dtype=torch.int32)
-    p = SparsePattern(None, (2, 5), csr=(crow, col))
+    p = make_pattern((2, 5), 3, "p", csr=(crow, col))
     assert torch.equal(p.indices(), torch.tensor([[0, 0, 1], [0, 4, 1]], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"csr of shapes \(3,\), \(3,\) does not fit a \(3, 5\) pattern"):
-        SparsePattern(None, (3, 5), csr=(crow, col))
-    with pytest.raises(ValueError, match="indices or its csr, exactly one"):
-        SparsePattern(None, (2, 5))
-    with pytest.raises(ValueError, match=r"csr pattern of \(3,\) columns, expected \(7,\) = r\*\(in\+out\) for r=1"):
+    with pytest.raises(ValueError, match=r"p: a csr pattern of shapes \(3,\), \(3,\) does not fit \(3, 5\) with nnz=3"):
+        make_pattern((3, 5), 3, "p", csr=(crow, col))
+    with pytest.raises(ValueError, match="p: give exactly one of mask, indices or csr"):
+        make_pattern((2, 5), 3, "p")
+    with pytest.raises(ValueError, match=r"does not fit \(2, 5\) with nnz=7"):
         ShiraLinear(nn.Linear(5, 2), None, "default", r=1, csr=(crow, col))
     with pytest.raises(ValueError, match="exactly one of mask, indices or csr"):
         ShiraLinear(nn.Linear(5, 2), None, "default", r=1, csr=(crow, col), indices=torch.zeros(2, 7, dtype=torch.int32))

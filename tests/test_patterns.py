@@ -99,25 +99,21 @@ def test_bad_indices_are_refused_with_the_reason():
     assert torch.equal(layer.shira_indices["default"], idx)  # left as it was
 
 
-def test_columns_as_a_frozen_parameter_keep_every_view():
-    """What ZeRO-3/FSDP2 sharding starts from: ``col`` moved from buffer to frozen parameter."""
-    idx = random_pattern(12, 10, 44, seed=8, shuffle=True)
-    layer = _layer(idx)
-    x = torch.randn(5, 10)
-    layer.set_fuse_mode("unfused")
-    before_sd, before_y = layer.state_dict(), layer(x)
+def test_layout_is_made_once_and_follows_replacements_and_moves():
+    """The kernels' view is kept between forwards and remade only by set_() and .to()."""
+    layer = _layer(random_pattern(12, 10, 44, seed=8, shuffle=True))
     pattern = layer.shira_indices.pattern("default")
-    col = pattern.col_as_parameter_()
-    assert pattern.col_as_parameter_() is col  # idempotent
-    assert isinstance(col, nn.Parameter) and not col.requires_grad and col.dtype == torch.uint8
-    assert dict(layer.named_parameters())["shira_indices.patterns.default.col"] is col
-    assert pattern.stamp() == pattern.stamp() and pattern.nnz == 44
-    sd = layer.state_dict()  # still PEFT's (2, nnz) indices, not the raw CSR tensors
-    assert sorted(sd) == sorted(before_sd) and torch.equal(sd["shira_indices.default"], idx)
-    torch.testing.assert_close(layer(x), before_y, rtol=0, atol=0)
-    layout = layer._layout("default")
-    assert layout.col_store is col and torch.equal(layout.col, col.view(torch.int16))  # holds the parameter
+    layout = pattern.layout()
+    assert pattern.layout() is layout and layout.col.dtype == torch.int16
+    assert torch.equal(layout.indices(), layer.shira_indices["default"])
     other = random_pattern(12, 10, 44, seed=9, shuffle=False)
-    layer.load_state_dict({**sd, "shira_indices.default": other})  # a plain (unsharded) parameter can be replaced
-    assert torch.equal(layer.shira_indices["default"], other)
-    assert "col" in dict(pattern.named_buffers()) and "col" not in dict(pattern.named_parameters())
+    pattern.set_(other)
+    assert pattern.layout() is not layout and torch.equal(pattern.layout().indices(), other)
+    layout = pattern.layout()
+    layer.double()  # buffers are integer: same values, new layout object over the module's buffers
+    assert pattern.layout() is not layout and pattern.layout().crow is pattern.crow
+    x = torch.randn(5, 10, dtype=torch.float64)
+    dense = torch.zeros(12, 10, dtype=torch.float64)
+    dense[other[0].long(), other[1].long()] = layer.shira_weight["default"].detach()
+    ref = nn.functional.linear(x, layer.base_layer.weight.detach() + dense, layer.base_layer.bias.detach())
+    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)

@@ -14,18 +14,18 @@ The training job's ``distributed.strategy: fsdp | deepspeed`` are built from the
 (``strategies.py``, registered when this package is imported).
 Every strategy saves the same files, so any run resumes under any other by loading the
 adapter before sharding: ``ShiraModel.from_pretrained(base, dir, is_trainable=True)``.
-FSDP and ZeRO put the layers on the unfused path (see ``use_unfused_path``); DDP keeps "auto".
+Any engine applied directly (``DDP``, ``fully_shard``, ``deepspeed.initialize``, Accelerate)
+trains correctly too: these helpers add checks and the adapter-only gathers.
 Masks, data-driven ones included, are computed before sharding (``get_peft_model``), then
 ``sync_adapters`` makes every rank use rank 0's where they may differ.
 """
 
 from .adapter_io import gather_adapter_state_dict, is_zero3_partitioned, save_adapter
-from .common import (data_parallel_slice, pattern_columns, rank_and_world, unwrap_shira_model, use_unfused_path,
-                     whole_patterns)
+from .common import data_parallel_slice, rank_and_world, unwrap_shira_model
 from .consistency import MaskMismatchError, broadcast_adapters, check_adapters_consistent, sync_adapters
 from .fsdp import decoder_layers, shard_fsdp1, shard_fsdp2
 from .traffic import CollectiveCounts, count_collectives, route_ddp_through_python, trainable_bytes
-from .zero import deepspeed_config, deepspeed_initialize, register_zero3_external_values, zero_stage_of
+from .zero import deepspeed_config, deepspeed_initialize, zero_stage_of
 from .strategies import DeepSpeedStrategy, FsdpStrategy  # registers the job's fsdp / deepspeed strategies
 
 __all__ = [
@@ -38,15 +38,11 @@ __all__ = [
     "decoder_layers",
     "deepspeed_config",
     "deepspeed_initialize",
-    "register_zero3_external_values",
     "zero_stage_of",
     "gather_adapter_state_dict",
     "save_adapter",
     "is_zero3_partitioned",
     "unwrap_shira_model",
-    "pattern_columns",
-    "whole_patterns",
-    "use_unfused_path",
     "data_parallel_slice",
     "rank_and_world",
     "CollectiveCounts",

@@ -10,9 +10,8 @@
     rank 0: checkpoint.write_adapter_tensors + ShiraConfig.save_pretrained   (same files as
             ShiraModel.save_pretrained, so ShiraModel / peft.PeftModel.from_pretrained load them)
 
-Only adapter-sized tensors move (values and modules_to_save copies, and under ZeRO-3/FSDP2
-the index columns, which they shard too); elsewhere indices are buffers, already whole on
-every rank. Everything here is collective: call it on all ranks.
+Only adapter-sized tensors move (values and modules_to_save copies); indices are buffers,
+whole on every rank. Everything here is collective: call it on all ranks.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from .. import checkpoint as ckpt
 from ..partitioned import gathered
 from ..partitioned import is_partitioned as is_zero3_partitioned
-from .common import rank_and_world, unwrap_shira_model, whole_patterns
+from .common import rank_and_world, unwrap_shira_model
 
 _FSDP1_WRAPPER = "_fsdp_wrapped_module."  # FSDP1 inserts this into module paths
 
@@ -69,8 +68,7 @@ def gather_adapter_state_dict(model: nn.Module, adapter_name: str = "default",
     """
     shira = unwrap_shira_model(model)
     with _fsdp1_gathered(model):
-        with whole_patterns(shira):  # ZeRO-3/FSDP2 shard the indices; adapter_state_dict copies them
-            live = shira.adapter_state_dict(adapter_name)
+        live = shira.adapter_state_dict(adapter_name)
         with gathered(list(live.values())):
             out = {key.replace(_FSDP1_WRAPPER, ""): _whole(t) for key, t in live.items()}
     rank, _ = rank_and_world()

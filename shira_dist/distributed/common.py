@@ -1,6 +1,5 @@
-"""Small helpers every strategy shares: find the ShiraModel inside an engine, rank/world,
-the data-parallel slice of a global batch, switching layers to the unfused path, and reading
-indices that ZeRO-3/FSDP2 shard (:func:`whole_patterns`).
+"""Small helpers every strategy shares: find the ShiraModel inside an engine, rank/world and
+the data-parallel slice of a global batch.
 
     DDP(ShiraModel).module            ─┐
     DeepSpeedEngine(ShiraModel).module ├─► unwrap_shira_model(...) -> the ShiraModel
@@ -9,16 +8,10 @@ indices that ZeRO-3/FSDP2 shard (:func:`whole_patterns`).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
-from ..layer import ShiraLinear
 from ..model import ShiraModel
-from ..partitioned import gathered
-from ..patterns import SparsePattern
 
 
 def unwrap_shira_model(model: nn.Module) -> ShiraModel:
@@ -31,32 +24,6 @@ def unwrap_shira_model(model: nn.Module) -> ShiraModel:
                             "shira_dist.get_peft_model / ShiraModel.from_pretrained")
         seen = inner
     return seen
-
-
-def shira_patterns(model: nn.Module) -> list[SparsePattern]:
-    """Every adapter's stored pattern in every SHiRA layer, in a fixed order."""
-    return [p for _, layer in unwrap_shira_model(model).shira_layers() for p in layer.shira_indices.patterns.values()]
-
-
-def pattern_columns(model: nn.Module) -> list[Tensor]:
-    """Every SHiRA pattern's ``col`` tensor (the part of the indices ZeRO-3 and FSDP2 shard),
-    in a fixed order."""
-    return [p.col for p in shira_patterns(model)]
-
-
-@contextlib.contextmanager
-def whole_patterns(model: nn.Module) -> Iterator[None]:
-    """Inside the block every SHiRA pattern is whole on this rank, so indices can be read
-    (``layer.shira_indices[name]``, ``adapter_state_dict``): ZeRO-3 partitions are gathered
-    (``GatheredParameters``), FSDP2 pattern units all-gathered (``SparsePattern.whole``) and
-    resharded on exit. Collective: every rank enters it. A no-op where the indices are buffers
-    (single process, DDP, FSDP1, ZeRO-1/2)."""
-    patterns = shira_patterns(model)
-    with contextlib.ExitStack() as stack:
-        for p in patterns:
-            stack.enter_context(p.whole())
-        stack.enter_context(gathered([p.col for p in patterns]))
-        yield
 
 
 def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
@@ -77,17 +44,3 @@ def data_parallel_slice(global_batch_size: int, rank: int, world_size: int) -> s
                          f"use a multiple of {world_size}")
     per_rank = global_batch_size // world_size
     return slice(rank * per_rank, (rank + 1) * per_rank)
-
-
-def use_unfused_path(model: nn.Module) -> int:
-    """Put every SHiRA layer on the unfused path (base forward + sparse delta); returns the count.
-
-    The sharding helpers call this (overriding "auto" and "fused"): an engine that gathers a
-    weight for the forward and frees it after (FSDP2, ZeRO-3) drops an in-place fused write
-    before the backward, and ZeRO-1/2 update the values without a version bump, so a fused
-    write would go stale unnoticed. Both were measured to give wrong gradients.
-    """
-    shira = unwrap_shira_model(model)
-    if hasattr(shira, "set_fuse_mode"):  # models from before fused mode have only this path
-        shira.set_fuse_mode("unfused")
-    return sum(1 for m in shira.modules() if isinstance(m, ShiraLinear))

@@ -5,8 +5,7 @@
              max != min at i  ->  MaskMismatchError naming tensor i, raised on every rank
 
 A few int64 all-reduced, whatever the model size (digests: blake2b, 62 bits, on the host).
-Indices are buffers, except their columns under ZeRO-3/FSDP2 (gathered here for the
-digest), so the check runs before or after sharding.
+Indices are buffers, whole on every rank, so the check runs before or after sharding.
 With ``random_seed=None`` each process draws its own mask: :func:`broadcast_adapters`
 copies rank 0's adapters to every rank (before sharding); :func:`sync_adapters` does both.
 """
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from ..calibration import CALIBRATED_MASKS
 from ..modules_to_save import ModulesToSave
-from .common import rank_and_world, unwrap_shira_model, whole_patterns
+from .common import rank_and_world, unwrap_shira_model
 
 _MASK = (1 << 62) - 1  # digests stay positive and negatable in int64
 
@@ -57,9 +56,8 @@ def _differs(values: list[int], group: Optional[dist.ProcessGroup]) -> list[bool
 def _adapter_tensors(model: nn.Module, values: bool) -> list[tuple[str, Tensor]]:
     """(what, tensor) in a fixed order: all indices first, then (gathered) adapter values."""
     shira = unwrap_shira_model(model)
-    with whole_patterns(shira):  # .items() gives fresh (2, nnz) tensors
-        entries = [(f"{path}.shira_indices[{adapter!r}]", idx)
-                   for path, layer in shira.shira_layers() for adapter, idx in layer.shira_indices.items()]
+    entries = [(f"{path}.shira_indices[{adapter!r}]", idx)
+               for path, layer in shira.shira_layers() for adapter, idx in layer.shira_indices.items()]
     if values:
         from .adapter_io import gather_adapter_state_dict  # values may be sharded: gather them
 

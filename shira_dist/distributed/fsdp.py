@@ -1,8 +1,6 @@
 """Shard a ShiraModel with FSDP2 (``fully_shard``), or FSDP1 with ``use_orig_params=True``.
 
     FSDP2                                         per rank, outside forward
-    fully_shard(each SHiRA pattern)               index columns: frozen uint8 parameter,
-                                                  DTensor Shard(0); crow: replicated buffer
     fully_shard(decoder layer i)  for every i     base weight: DTensor Shard(0), rows/world
                                                   SHiRA values: DTensor Shard(0) (1-D), its
                                                   gradient reduce-scattered: adapter-sized
@@ -10,17 +8,9 @@
 
 One unit per decoder layer holds its frozen weights and its SHiRA values together (FSDP2
 allows mixed requires_grad); only values get gradients, so the reduce-scatter per step is the
-adapter's size. Each adapter's column indices (2 bytes per entry) are a unit of their own
-(FSDP2 allows frozen parameters of another dtype: it all-gathers them as bytes) that FSDP2
-never gathers by itself: the layer gathers them around its sparse product
-(``SparsePattern.whole``: ``unshard()`` ... ``reshard()``) and the kernel again for its
-backward, so a rank holds 1/world of them plus one projection's whole columns at a time.
-Left in the decoder layer's unit, all of a layer's columns would be whole from its forward to
-its end and again through its backward, for the layer computing and the one prefetched
-(measured on the benchmark model: ~2 MB/rank more at the step's peak than gathering each
-where it is read). The layers run the unfused path: during forward FSDP2 swaps in a plain
-unsharded weight (so a fused write is not refused), frees it after forward and re-gathers W0
-for backward, so the write is lost (measured: grad errors of 20-30% from the second step).
+adapter's size. Patterns are buffers, replicated (2 bytes per entry). During forward FSDP2
+swaps a gathered copy in for each weight; the layers see it is not the weight they wrapped
+and run unfused (base forward on the gathered weight plus the sparse product).
 
 FSDP1 flattens each unit into one FlatParameter, and a flat parameter with any trainable
 entry gets a gradient buffer of the whole flat size; so :func:`shard_fsdp1` wraps every
@@ -39,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from ..model import ShiraModel
-from .common import rank_and_world, shira_patterns, unwrap_shira_model, use_unfused_path
+from .common import rank_and_world, unwrap_shira_model
 
 
 def decoder_layers(model: nn.Module, layer_classes: Optional[Iterable[type]] = None) -> list[nn.Module]:
@@ -82,12 +72,9 @@ def shard_fsdp2(model: nn.Module, mesh: Optional[DeviceMesh] = None,
         raise TypeError(f"shard_fsdp2 takes the ShiraModel itself, not a {type(model).__name__} around it")
     if mesh is None:
         mesh = init_device_mesh(_device_type(shira), (rank_and_world()[1],))
-    use_unfused_path(shira)
+    shira.unfuse()  # sharding copies the weights: W0, not a fused write
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     mp_policy = mp_policy or MixedPrecisionPolicy()
-    for pattern in shira_patterns(shira):  # index columns: a unit each, gathered where read (module doc)
-        pattern.col_as_parameter_()
-        fully_shard(pattern, mesh=mesh, offload_policy=offload)
     for layer in decoder_layers(shira, layer_classes):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload,
                     mp_policy=mp_policy)
@@ -115,7 +102,7 @@ def shard_fsdp1(model: nn.Module, layer_classes: Optional[Iterable[type]] = None
     shira = unwrap_shira_model(model)
     if shira is not model:
         raise TypeError(f"shard_fsdp1 takes the ShiraModel itself, not a {type(model).__name__} around it")
-    use_unfused_path(shira)
+    shira.unfuse()
     layers = {id(m) for m in decoder_layers(shira, layer_classes)}
     policy = CustomPolicy(lambda m: id(m) in layers or _frozen_leaf(m))
     device_id = device_id or (torch.device("cuda", torch.cuda.current_device())

@@ -15,8 +15,8 @@ Importing ``shira_dist.distributed`` registers both with ``shira_dist.training``
     optimizer   whole Adam moments by parameter name (optim_state.py): DTensor.full_tensor()
                 | deepspeed.utils.safe_get_full_optimizer_state; any strategy resumes any other
 
-Both keep the SHiRA layers on the unfused path (see ``use_unfused_path``). Data-driven masks
-are computed by the job before setup (the model is whole then) and rank 0's is broadcast.
+Data-driven masks are computed by the job before setup (the model is whole then) and rank
+0's is broadcast.
 One process asking for fsdp/deepspeed gets a one-rank process group (no network).
 """
 

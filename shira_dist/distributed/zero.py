@@ -1,24 +1,16 @@
-"""DeepSpeed ZeRO-2/3 (optionally with the optimizer offloaded to the CPU) for a ShiraModel.
+"""DeepSpeed ZeRO-1/2/3 (optionally with the optimizer offloaded to the CPU) for a ShiraModel.
 
-    stage 2   frozen base: whole on every rank, untouched by the engine
-              SHiRA values: fp32 master + Adam state partitioned; gradients reduced
-              (adapter-sized traffic), then the updated values all-gathered
-    stage 3   every parameter partitioned, frozen ones too (``numel() == 0`` outside forward);
-              a layer's weight is gathered for its forward/backward and freed after
-              SHiRA values: used by ShiraLinear.forward itself (not by a submodule's
-              forward), so they are registered as its external parameters and gathered
-              with it; indices: each pattern's ``col`` (2 bytes per entry, nearly all of
-              the indices) becomes a frozen parameter, registered the same way, so it is
-              partitioned too and whole only while its layer computes (ZeRO-3 gathers it
-              with the values for forward and again for backward); ``crow`` (one int32
-              per output row) stays a replicated buffer. Replicated, the indices would cost
-              every rank as much as ~half the adapter's fp32 values, whatever the world size
+    stage 1-2  frozen base: whole on every rank, untouched by the engine
+               SHiRA values: fp32 master + Adam state partitioned; gradients reduced
+               (adapter-sized traffic), then the updated values all-gathered
+    stage 3    every parameter partitioned, frozen ones too (``numel() == 0`` outside forward);
+               a SHiRA layer is a ZeRO-3 leaf module (``ShiraLinear._z3_leaf``): its base
+               weight and its values are gathered together around its forward and backward
 
-Under ZeRO (stage >= 1) the layers run the unfused path. Stage 3 releases the gathered
-weight after the forward, so an in-place fused write would be lost before backward; stages
-1-2 write the updated values into their flat buffer, which the value parameters view
-through ``.data``: neither their ``_version`` nor their ``data_ptr()`` changes, so a fused
-write would go stale unnoticed (measured: wrong losses from the second step on).
+Nothing here is needed for correctness: ``deepspeed.initialize`` called directly works the
+same (the layers compute with the values as they are at every forward, and fuse only into
+weights they own and the engine does not swap). This adds the checks of a client optimizer
+against the config, and the per-run fields of the config.
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .common import unwrap_shira_model, use_unfused_path
+from .common import unwrap_shira_model
 
 
 def deepspeed_config(config: str | os.PathLike | dict, micro_batch_size: int, gradient_accumulation_steps: int = 1,
@@ -88,26 +80,6 @@ def _check_optimizer_config(config: dict, optimizer: Optional[torch.optim.Optimi
                              '"zero_force_ds_cpu_optimizer": false (or use deepspeed.ops.adam.DeepSpeedCPUAdam)')
 
 
-def register_zero3_external_values(model: nn.Module) -> int:
-    """Tell ZeRO-3 that each ShiraLinear's forward (and backward) reads its own ``shira_weight``
-    values and its patterns' column indices, the latter made frozen parameters first so the
-    engine partitions them (``SparsePattern.col_as_parameter_``).
-
-    Both live in submodules whose forward never runs, so without this ZeRO-3 would not gather
-    them with the layer. Returns the number of tensors registered.
-    """
-    import deepspeed
-
-    count = 0
-    for _, layer in unwrap_shira_model(model).shira_layers():
-        tensors = list(layer.shira_weight.values())
-        tensors += [pattern.col_as_parameter_() for pattern in layer.shira_indices.patterns.values()]
-        for t in tensors:
-            deepspeed.zero.register_external_parameter(layer, t)
-            count += 1
-    return count
-
-
 def deepspeed_initialize(model: nn.Module, config: dict, optimizer: Optional[torch.optim.Optimizer] = None,
                          lr_scheduler: Optional[Any] = None) -> tuple[Any, Any, Any]:
     """``deepspeed.initialize`` for a ShiraModel; returns (engine, optimizer, lr_scheduler).
@@ -128,11 +100,7 @@ def deepspeed_initialize(model: nn.Module, config: dict, optimizer: Optional[tor
     if shira is not model:
         raise TypeError(f"deepspeed_initialize takes the ShiraModel itself, not a {type(model).__name__}")
     _check_optimizer_config(config, optimizer)
-    stage = zero_stage_of(config)
-    if stage >= 1:
-        use_unfused_path(shira)
-    if stage == 3:
-        register_zero3_external_values(shira)
+    shira.unfuse()  # the engine copies and partitions weights: W0, not a fused write
     trainable = [p for p in shira.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters (load adapters with is_trainable=True)")

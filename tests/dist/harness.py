@@ -55,18 +55,27 @@ def optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(list(params), lr=LR)
 
 
-def train_single(model, steps: int = STEPS, seed: int = 1) -> list[float]:
-    """The single-process reference: whole global batch per step, plain loop."""
-    opt = optimizer(p for p in model.parameters() if p.requires_grad)
+def train_steps(model, step, steps: int = STEPS, seed: int = 1) -> list[float]:
+    """Train on whole global batches: forward, backward, then ``step()`` (the update path)."""
     model.train()
     losses = []
     for ids in batches(steps, seed):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad()
+        step()
         losses.append(loss.item())
     return losses
+
+
+def train_single(model, steps: int = STEPS, seed: int = 1) -> list[float]:
+    """The single-process reference: whole global batch per step, AdamW."""
+    opt = optimizer(p for p in model.parameters() if p.requires_grad)
+
+    def step() -> None:
+        opt.step()
+        opt.zero_grad()
+
+    return train_steps(model, step, steps, seed)
 
 
 def digest(tensors: dict[str, Tensor]) -> str:

@@ -36,15 +36,12 @@ from shira_dist.distributed import (  # noqa: E402
     deepspeed_config,
     deepspeed_initialize,
     gather_adapter_state_dict,
-    pattern_columns,
     save_adapter,
     shard_fsdp1,
     shard_fsdp2,
     sync_adapters,
     unwrap_shira_model,
-    whole_patterns,
 )
-from shira_dist.partitioned import full_numel  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "deepspeed")
 ZERO_CONFIGS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json",
@@ -73,7 +70,7 @@ def wrap(strategy: str, model):
     if strategy in ZERO_CONFIGS:
         cfg = deepspeed_config(os.path.join(CONFIG_DIR, ZERO_CONFIGS[strategy]),
                                micro_batch_size=harness.GLOBAL_BATCH // dist.get_world_size())
-        if strategy.startswith("zero3"):  # the tiny model's index columns (512-768 bytes) partitioned, as a real model's are
+        if strategy.startswith("zero3"):  # the tiny model's small weights partitioned too, as a real model's are
             cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 100
         engine, _, _ = deepspeed_initialize(model, cfg, optimizer=harness.optimizer(trainable()))
         return engine, None
@@ -86,22 +83,7 @@ def base_weight_facts(strategy: str, engine, shira) -> dict:
     ref = harness.base_model()
     compared = differing = 0
     facts: dict = {}
-    cols = pattern_columns(shira)  # the index columns this rank holds outside forward, of all
-    if strategy.startswith("zero3"):
-        facts["index_bytes"] = dict(visible=sum(c.numel() for c in cols), partition=sum(c.ds_tensor.numel() for c in cols),
-                                    whole=sum(full_numel(c) for c in cols))
-    elif strategy.startswith("fsdp2"):
-        facts["index_bytes"] = dict(type=type(cols[0]).__name__, partition=sum(c.to_local().numel() for c in cols),
-                                    whole=sum(c.numel() for c in cols))
-    if "index_bytes" in facts:  # reading sharded indices outside whole_patterns is a clear error, not garbage
-        try:
-            next(iter(shira.shira_layers()))[1].shira_indices["default"]
-        except RuntimeError as e:
-            facts["index_bytes"]["unguarded_read"] = str(e)
-        sharded_keys = [k for k in shira.state_dict() if ".shira_indices." in k]  # the engine's sharded form, no error
-        facts["index_bytes"]["state_dict_keys"] = sorted({k.rsplit(".", 1)[-1] for k in sharded_keys})
-    with whole_patterns(shira):  # collective; a no-op where the indices are buffers
-        indices = {path: layer.shira_indices["default"] for path, layer in shira.shira_layers()}
+    indices = {path: layer.shira_indices["default"] for path, layer in shira.shira_layers()}
     for path, layer in shira.shira_layers():
         ref_w = ref.get_submodule(path.replace("_fsdp_wrapped_module.", "")).weight.detach()
         idx = indices[path]
@@ -128,40 +110,6 @@ def base_weight_facts(strategy: str, engine, shira) -> dict:
     return facts
 
 
-def watch_index_gathers(shira) -> tuple[dict, list]:
-    """FSDP2: which of decoder layer 0's index columns are whole while its projections run.
-
-    Hooks record the type of a pattern's ``col`` (DTensor: this rank's shard only; Parameter:
-    gathered whole) at points where the decoder layer's own unit is gathered: each pattern is
-    a unit of its own, gathered only around its projection's sparse product. Returns (what
-    the hooks saw in the first step, handles to remove).
-    """
-    layer0 = shira.model.model.layers[0]
-    q, down = layer0.self_attn.q_proj, layer0.mlp.down_proj
-    seen: dict = {}
-
-    def note(key: str, layer) -> None:
-        seen.setdefault(key, type(layer.shira_indices.pattern("default").col).__name__)
-
-    def before_q_product(module, args) -> None:  # q_proj's base forward: the decoder layer's unit is whole
-        note("own_before_product", q)
-        note("sibling_in_layer_forward", down)
-
-    def after_q(module, args, output) -> None:
-        note("own_after_forward", q)
-
-    def before_down_backward(module, grad_output) -> None:  # the layer's unit is gathered for backward
-        note("sibling_in_layer_backward", q)
-
-    def after_down_backward(module, grad_input, grad_output) -> None:
-        note("own_after_backward", down)
-
-    handles = [q.base_layer.register_forward_pre_hook(before_q_product), q.register_forward_hook(after_q),
-               down.register_full_backward_pre_hook(before_down_backward),
-               down.register_full_backward_hook(after_down_backward)]
-    return seen, handles
-
-
 def run(strategy: str, start: str, args) -> dict:
     began = time.perf_counter()
     model = harness.shira_model(start, args.start_dir)
@@ -170,7 +118,6 @@ def run(strategy: str, start: str, args) -> dict:
     rows = data_parallel_slice(harness.GLOBAL_BATCH, dist.get_rank(), dist.get_world_size())
     losses, digests = [], []
     shira = unwrap_shira_model(engine)
-    gathers, handles = watch_index_gathers(shira) if strategy.startswith("fsdp2") else ({}, [])
     engine.train()
     for ids in harness.batches():
         local = ids[rows]
@@ -184,12 +131,7 @@ def run(strategy: str, start: str, args) -> dict:
             opt.zero_grad()
         losses.append(mean_over_ranks(loss))
         digests.append(harness.digest(gather_adapter_state_dict(engine, rank0_only=False)))
-        for h in handles:
-            h.remove()
-        handles = []
     facts = base_weight_facts(strategy, engine, shira)
-    if gathers:
-        facts["index_gathers"] = gathers
     check_adapters_consistent(engine, values=True)  # raises on every rank if they diverged
     save_adapter(engine, os.path.join(args.out, f"{strategy}-{start}"))
     return dict(strategy=strategy, start=start, losses=losses, value_digests=digests,
