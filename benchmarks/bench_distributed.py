@@ -17,9 +17,9 @@ process uses cores/W threads so 1 and 2 processes share the same cores. Per rank
                  file-backed pages (library code, shared by the ranks of a node), i.e. the memory
                  the rank itself allocated
   built/wrapped  RSS after building the model, and after the engine took it
-  index          bytes of SHiRA indices the rank holds outside forward (shira_dist: the CSR
-                 column indices, sharded by ZeRO-3/FSDP2; PEFT SHiRA: its (2, nnz) int32 indices,
-                 kept whole on every rank; LoRA: none)
+  index          bytes of SHiRA indices the rank holds (shira_dist: the CSR buffers, 2 bytes
+                 per entry plus one int32 per row; PEFT SHiRA: its (2, nnz) int32 indices; both
+                 whole on every rank; LoRA: none)
   step           median wall time of the timed steps
   reduced        bytes through all-reduce / reduce-scatter per step (gradient traffic)
   gathered       bytes through all-gather per step (sharded weights re-assembled)
@@ -165,23 +165,14 @@ def _wrap(strategy: str, method: str, model, micro_batch: int):
     return engine, None
 
 
-def _held_bytes(t) -> int:
-    """Bytes of ``t`` this rank holds: its ZeRO-3 partition, its FSDP2 shard, or all of it."""
-    from torch.distributed.tensor import DTensor
-
-    if hasattr(t, "ds_tensor"):
-        t = t.ds_tensor
-    elif isinstance(t, DTensor):
-        t = t.to_local()
-    return t.numel() * t.element_size()
-
-
 def _index_bytes(model, method: str) -> int:
     if method == "shira_dist":
-        from shira_dist.distributed import pattern_columns
+        from shira_dist.distributed import unwrap_shira_model
 
-        return sum(_held_bytes(c) for c in pattern_columns(model))
-    return sum(_held_bytes(t) for m in model.modules() if isinstance(getattr(m, "shira_indices", None), dict)
+        return sum(t.numel() * t.element_size() for _, layer in unwrap_shira_model(model).shira_layers()
+                   for t in layer.shira_indices.buffers())
+    return sum(t.numel() * t.element_size() for m in model.modules()
+               if isinstance(getattr(m, "shira_indices", None), dict)
                for t in m.shira_indices.values())  # PEFT SHiRA's per-layer dict; LoRA has none
 
 

@@ -54,9 +54,9 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
       'peft', peft.__version__, 'shira_dist', shira_dist.__version__)
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
 print('peft has ShiraConfig:', hasattr(peft, 'ShiraConfig'))"
-configs=(floor peft_lora full_ft shira_dist_fused shira_dist_unfused shira_dist_struct)
+configs=(floor peft_lora full_ft shira_dist_default shira_dist_unfused shira_dist_struct)
 if $py -c "import peft, sys; sys.exit(not hasattr(peft, 'ShiraConfig'))"; then
-    configs=(floor peft_lora peft_shira full_ft shira_dist_fused shira_dist_unfused shira_dist_struct)
+    configs=(floor peft_lora peft_shira full_ft shira_dist_default shira_dist_unfused shira_dist_struct)
 fi
 step triton_tests $py -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
 # What the driver reports for the kernels a small bf16 and fp32 training run compiled on this GPU

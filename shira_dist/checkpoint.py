@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,8 +33,29 @@ WEIGHT_SUFFIX = ".shira_weight"
 INDICES_SUFFIX = ".shira_indices"
 
 
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_adapter_name(adapter_name: object, argument: str = "adapter_name") -> str:
+    """Adapter names are names: letters, digits, '_' and '-' (a name is also a subfolder of saves)."""
+    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
+        raise ValueError(f"{argument}={adapter_name!r} is invalid: an adapter name is one or more of "
+                         "A-Z a-z 0-9 _ - (it names a subfolder when saved, so no '/', '.', spaces or others)")
+    return adapter_name
+
+
 def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> str:
-    return str(save_directory) if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+    """Where adapter ``adapter_name`` is saved: ``save_directory`` itself for "default", else a
+    subfolder; never outside ``save_directory``."""
+    check_adapter_name(adapter_name)
+    if adapter_name == "default":
+        return str(save_directory)
+    directory = os.path.join(save_directory, adapter_name)
+    root = os.path.realpath(save_directory)
+    if os.path.commonpath([root, os.path.realpath(directory)]) != root:
+        raise ValueError(f"adapter {adapter_name!r} would be saved to {directory!r}, outside {str(save_directory)!r} "
+                         "(a symlink?); save it elsewhere")
+    return directory
 
 
 def write_adapter_tensors(directory: str, tensors: dict[str, Tensor]) -> None:
@@ -51,11 +73,19 @@ def write_adapter(save_directory: str | os.PathLike, adapter_name: str, tensors:
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
-    path = os.path.join(directory, WEIGHTS_NAME)
+    path = weights_path(directory)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(directory)!r}: not a saved SHiRA adapter")
     with open(path, "rb") as f:
-        return st_load(f.read())
+        data = f.read()
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types, none naming the file
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def weights_path(directory: str | os.PathLike) -> str:
+    return os.path.join(directory, WEIGHTS_NAME)
 
 
 @dataclass
@@ -66,32 +96,57 @@ class AdapterTensors:
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # path -> that module's state_dict
 
 
-def split_adapter_tensors(tensors: dict[str, Tensor], saved_paths: list[str]) -> AdapterTensors:
-    """Group checkpoint keys by module path; ``saved_paths`` are the modules_to_save of the model."""
+def split_adapter_tensors(tensors: dict[str, Tensor], saved_paths: list[str], source: str = "checkpoint",
+                          allow_non_finite: bool = False) -> AdapterTensors:
+    """Group checkpoint keys by module path and check them; ``saved_paths`` are the model's
+    modules_to_save. Errors name ``source`` (the file) and the key.
+
+    Values and modules_to_save tensors must be finite (NaN/inf would give non-finite outputs)
+    unless ``allow_non_finite``; indices must be integers, or floats holding integers.
+    """
     out = AdapterTensors()
     values: dict[str, Tensor] = {}
     indices: dict[str, Tensor] = {}
     for key, t in tensors.items():
         if not key.startswith(KEY_PREFIX):
-            raise ValueError(f"checkpoint key {key!r} does not start with {KEY_PREFIX!r}: not PEFT's format")
+            raise ValueError(f"{source}: key {key!r} does not start with {KEY_PREFIX!r}: not PEFT's format")
         name = key[len(KEY_PREFIX):]
-        if name.endswith(WEIGHT_SUFFIX):
-            values[name[: -len(WEIGHT_SUFFIX)]] = t
-            continue
         if name.endswith(INDICES_SUFFIX):
-            indices[name[: -len(INDICES_SUFFIX)]] = t
+            indices[name[: -len(INDICES_SUFFIX)]] = _integral(t, key, source)
+            continue
+        if t.is_floating_point() and not allow_non_finite and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{source}: {key} holds {int((~torch.isfinite(t)).sum())} non-finite values (NaN or "
+                             "inf); refusing to load it (allow_non_finite=True loads it anyway)")
+        if name.endswith(WEIGHT_SUFFIX):
+            if not t.is_floating_point():
+                raise ValueError(f"{source}: {key} is {t.dtype}; SHiRA values are floating point")
+            values[name[: -len(WEIGHT_SUFFIX)]] = t
             continue
         owner = next((p for p in saved_paths if name.startswith(p + ".")), None)
         if owner is None:
-            raise ValueError(f"checkpoint key {key!r} belongs to no SHiRA layer and no module in modules_to_save")
+            raise ValueError(f"{source}: key {key!r} belongs to no SHiRA layer and no module in modules_to_save")
         out.saved.setdefault(owner, {})[name[len(owner) + 1:]] = t
     for path in sorted(set(values) | set(indices)):
         if path not in values or path not in indices:
             missing = "shira_weight" if path not in values else "shira_indices"
-            raise ValueError(f"checkpoint has no {missing} for module {path!r}")
+            raise ValueError(f"{source}: no {missing} for module {path!r}")
         v, i = values[path], indices[path]
         if v.dim() != 1 or i.dim() != 2 or i.shape != (2, v.shape[0]):
-            raise ValueError(f"module {path!r}: shira_weight {tuple(v.shape)} and shira_indices {tuple(i.shape)} "
-                             "do not fit ((nnz,) and (2, nnz))")
-        out.shira[path] = (v, i.to(torch.int32) if i.dtype.is_floating_point else i)
+            raise ValueError(f"{source}: module {path!r}: shira_weight {tuple(v.shape)} and shira_indices "
+                             f"{tuple(i.shape)} do not fit ((nnz,) and (2, nnz))")
+        out.shira[path] = (v, i)
     return out
+
+
+def _integral(t: Tensor, key: str, source: str) -> Tensor:
+    """Indices as int32; a float tensor must hold whole numbers (never truncated silently)."""
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{source}: {key} is {t.dtype}; indices must be integers")
+    if t.is_floating_point():
+        bad = ~torch.isfinite(t) | (t != t.round())
+        if bool(bad.any()):
+            raise ValueError(f"{source}: {key} holds {int(bad.sum())} non-integer values (e.g. {t[bad][0].item()}); "
+                             "indices must be whole numbers")
+    if t.numel() and (float(t.min()) < 0 or float(t.max()) > 2**31 - 1):
+        raise ValueError(f"{source}: {key} holds indices outside [0, 2^31)")
+    return t.to(torch.int32)

@@ -45,8 +45,33 @@ class ShiraConfig:
             raise ValueError(f"r={self.r!r} is invalid: r must be a positive integer")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        if self.modules_to_save is not None:
+        if self.modules_to_save is not None and isinstance(self.modules_to_save, (list, tuple, set)):
             self.modules_to_save = list(self.modules_to_save)
+        self._check_types()
+
+    def _check_types(self) -> None:
+        """Every field has the type PEFT writes (a hand-edited or foreign file fails here, by name)."""
+        def names(v) -> bool:
+            return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+        def optional(kind):
+            return lambda v: v is None or (isinstance(v, kind) and not (kind is int and isinstance(v, bool)))
+
+        rules = {"mask_type": (lambda v: isinstance(v, str), "a string"),
+                 "random_seed": (optional(int), "an integer or null"),
+                 "target_modules": (lambda v: v is None or isinstance(v, str) or names(v),
+                                    "a list of module names, a regex string or null"),
+                 "modules_to_save": (lambda v: v is None or names(v), "a list of module names or null"),
+                 "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+                 "init_weights": (lambda v: isinstance(v, bool), "true or false"),
+                 "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+                 "task_type": (optional(str), "a string or null"),
+                 "base_model_name_or_path": (optional(str), "a string or null"),
+                 "revision": (optional(str), "a string or null")}
+        for name, (ok, allowed) in rules.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
         if self.mask_fn is None:
             self.mask_fn = MASK_FUNCTIONS.get(self.mask_type)
             if self.mask_fn is None and not self.inference_mode:
@@ -67,10 +92,12 @@ class ShiraConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ShiraConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"an adapter config is a JSON object of fields, got a {type(data).__name__}")
         known = {f.name for f in fields(cls)} - {"mask_fn"}
         # PEFT writes bookkeeping keys (auto_mapping, peft_version, ...) and adds new ones over
         # time; they do not change SHiRA's behaviour, so they are dropped with a note.
-        unknown = sorted(set(data) - known - {"auto_mapping", "peft_version"})
+        unknown = sorted(map(str, set(data) - known - {"auto_mapping", "peft_version"}))
         if unknown:
             warnings.warn(f"ignoring unknown adapter_config keys {unknown} (known: {sorted(known)})")
         kwargs = {k: v for k, v in data.items() if k in known}
@@ -88,5 +115,8 @@ class ShiraConfig:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None

@@ -32,11 +32,11 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .fused import Adapter, FusedWeight
-from .kernels import fused_values_grad, scatter_merge_, scatter_restore_, sparse_delta_add_, sparse_delta_matmul
+from .fused import Adapter, WrittenDeltas
+from .kernels import fused_values_grad, sparse_delta_add_, sparse_delta_matmul
 from .masks import shira_budget
 from .partitioned import used_by
-from .patterns import PatternDict, make_pattern
+from .patterns import PatternDict, SparsePattern, make_pattern
 
 FUSE_MODES = ("auto", "fused", "unfused")
 # "auto" fuses fp32/fp64 weights only: a half-precision weight would round small deltas away.
@@ -67,7 +67,7 @@ class ShiraLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, mask: Optional[Tensor] = None, adapter_name: str = "default",
                  r: int = 0, fan_in_fan_out: bool = False, init_weights: bool = True,
                  indices: Optional[Tensor] = None, layer_name: str = "",
-                 csr: Optional[tuple[Tensor, Tensor]] = None) -> None:
+                 csr: Optional[tuple[Tensor, Tensor]] = None, pattern: Optional[SparsePattern] = None) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"{layer_name or 'target'}: {type(base_layer).__name__} is not supported; "
@@ -80,28 +80,33 @@ class ShiraLinear(nn.Module):
         self.fan_in_fan_out = False
         self.shira_weight = nn.ParameterDict()
         self.shira_indices = PatternDict(self.layer_name)
-        self._merged_originals: dict[str, Tensor] = {}  # W0[idx] of merged adapters
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self.merged_adapters: list[str] = []
         self._active_adapters: list[str] = [adapter_name]
         self._disable_adapters = False
         self.fuse_mode = "auto"  # see set_fuse_mode
         self.fusable = True  # False when the weight is shared (tied) with another module
-        self._fused = FusedWeight()
+        self._merged = WrittenDeltas()  # what merge() wrote, until unmerge()
+        self._fused = WrittenDeltas()  # what the last fused forward wrote
         self._weight = weakref.ref(base_layer.weight)  # the only tensor a fused forward writes into
         self._register_state_dict_hook(_report_unfused_weight)
         self._register_load_state_dict_pre_hook(_unfuse_before_load, with_module=True)
-        self.update_layer(adapter_name, mask, r, init_weights=init_weights, indices=indices, csr=csr)
+        self.update_layer(adapter_name, mask, r, init_weights=init_weights, indices=indices, csr=csr, pattern=pattern)
 
     # ---- adapters -------------------------------------------------------------------
     def update_layer(self, adapter_name: str, mask: Optional[Tensor], r: int, init_weights: bool = True,
-                     indices: Optional[Tensor] = None, csr: Optional[tuple[Tensor, Tensor]] = None) -> None:
-        """Add adapter ``adapter_name`` with the pattern of ``mask`` (or ``indices``, or ``csr``)."""
+                     indices: Optional[Tensor] = None, csr: Optional[tuple[Tensor, Tensor]] = None,
+                     pattern: Optional[SparsePattern] = None) -> None:
+        """Add adapter ``adapter_name`` with the pattern of ``mask`` (or ``indices``, ``csr``, or
+        a ``pattern`` already made by :func:`~shira_dist.patterns.make_pattern`)."""
         shape = (self.out_features, self.in_features)
         nnz = shira_budget(*shape, r, where=self.layer_name)
-        pattern = make_pattern(shape, nnz, f"{self.layer_name} {shape} adapter {adapter_name!r}",
-                               mask=mask, indices=indices, csr=csr)
+        where = f"{self.layer_name} {shape} adapter {adapter_name!r}"
+        if pattern is None:
+            pattern = make_pattern(shape, nnz, where, mask=mask, indices=indices, csr=csr)
+        elif pattern.shape != shape or pattern.nnz != nnz or any(t is not None for t in (mask, indices, csr)):
+            raise ValueError(f"{where}: a {pattern.shape} pattern of {pattern.nnz} entries given (alone) for "
+                             f"nnz={nnz}")
         weight = self.base_layer.weight
         device = weight.device if weight.device.type != "meta" else pattern.col.device
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -239,11 +244,11 @@ class ShiraLinear(nn.Module):
     @property
     def fused(self) -> bool:
         """True while the base weight holds the active adapters' deltas (after a fused forward)."""
-        return self._fused.active
+        return bool(self._fused.entries)
 
     def unfuse(self) -> None:
         """Put W0 back at the fused entries (bit-exact); a no-op when nothing is fused."""
-        if not self._fused.active:
+        if not self._fused.entries:
             return
         w = self.base_layer.weight
         if w is not self._weight() or not _plain(w) or tuple(w.shape) != (self.out_features, self.in_features):
@@ -258,7 +263,7 @@ class ShiraLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         self.unfuse()  # .to(), .half(), ...: move or convert W0, not a fused write
         out = super()._apply(fn, recurse)
-        self._merged_originals = {name: fn(t) for name, t in self._merged_originals.items()}  # as buffers are
+        self._merged.convert(fn)
         return out
 
     def __getstate__(self) -> dict:  # copy.deepcopy, pickling: of W0 and the adapters, not a fused write
@@ -273,8 +278,12 @@ class ShiraLinear(nn.Module):
 
     # ---- merge ------------------------------------------------------------------------
     @property
+    def merged_adapters(self) -> list[str]:
+        return self._merged.names
+
+    @property
     def merged(self) -> bool:
-        return bool(self.merged_adapters)
+        return bool(self._merged.entries)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write active (or named) adapters into the base weight at their indices only."""
@@ -287,14 +296,10 @@ class ShiraLinear(nn.Module):
             if name not in self.shira_weight:
                 if adapter_names is not None:
                     self._check_known(name)
-                continue
-            if name in self.merged_adapters:
+            elif name in self.merged_adapters:
                 warnings.warn(f"{self.layer_name}: adapter {name!r} is already merged; nothing to do")
-                continue
-            _, layout, values, scale = self._adapter(name)
-            self._merged_originals[name] = scatter_merge_(self.base_layer.weight.data, layout, values, scale,
-                                                          check_finite=safe_merge)
-            self.merged_adapters.append(name)
+            else:
+                self._merged.add(self.base_layer.weight.data, self._adapter(name), check_finite=safe_merge)
 
     def unmerge(self) -> None:
         """Restore the base weight bit-exactly (last merged first)."""
@@ -303,10 +308,7 @@ class ShiraLinear(nn.Module):
             return
         self.check_mergeable("unmerge")
         self.unfuse()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            layout = self.shira_indices.pattern(name).layout()
-            scatter_restore_(self.base_layer.weight.data, layout, self._merged_originals.pop(name))
+        self._merged.restore(self.base_layer.weight.data)
 
     def check_mergeable(self, action: str) -> None:
         """Merging writes into the whole base weight: refuse anything but a plain, whole tensor."""
@@ -331,8 +333,8 @@ class ShiraLinear(nn.Module):
 def _report_unfused_weight(module: ShiraLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict hook: a fused layer reports its base weight as W0 (the adapter is saved separately)."""
     key = prefix + "base_layer.weight"
-    if module._fused.active and key in state_dict:
-        state_dict[key] = module._fused.unfused_copy(module.base_layer.weight.data)
+    if module._fused.entries and key in state_dict:
+        state_dict[key] = module._fused.unwritten_copy(module.base_layer.weight.data)
 
 
 def _unfuse_before_load(module: ShiraLinear, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

@@ -23,6 +23,7 @@ from .layer import ShiraLinear
 from .masks import MASK_FUNCTIONS, layer_seed, layer_shape, mask_device, random_csr, random_mask, shira_budget
 from .modules_to_save import ModulesToSave
 from .partitioned import full_numel
+from .patterns import make_pattern
 from .targeting import find_modules_to_save, find_targets, get_submodule_parent
 
 
@@ -66,7 +67,6 @@ class ShiraModel(nn.Module):
         self.forward = _forward_with_signature_of(model, self)
         self.peft_config: dict[str, ShiraConfig] = {}
         self._active_adapters: list[str] = []
-        model.requires_grad_(False)
 
     # ---- fall-through ------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -117,15 +117,19 @@ class ShiraModel(nn.Module):
         return calibrate_masks(self.model, config, calibration_data, loss_fn=loss_fn)
 
     def _inject(self, adapter_name: str, config: ShiraConfig, indices: Optional[dict[str, Tensor]] = None) -> None:
-        """Add adapter ``adapter_name`` to every target; all checks run before anything changes.
+        """Add adapter ``adapter_name`` to every target; all checks run before anything changes."""
+        self._apply_plan(self._plan(adapter_name, config, indices))
+
+    def _plan(self, adapter_name: str, config: ShiraConfig,
+              indices: Optional[dict[str, Tensor]] = None) -> "_AdapterPlan":
+        """Everything adding the adapter needs, checked, without changing the model.
 
         ``indices`` (module path -> (2, nnz) int) gives every target's pattern (loaded or
         calibrated); without it ``config.mask_fn`` draws one per target.
         """
         if not isinstance(config, ShiraConfig):
             raise TypeError(f"config must be a shira_dist.ShiraConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name={adapter_name!r} is invalid: use a non-empty name without '.'")
+        ckpt.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.peft_config)}")
         targets = find_targets(self.model, config.target_modules)
@@ -133,51 +137,55 @@ class ShiraModel(nn.Module):
             if not isinstance(module, (nn.Linear, ShiraLinear)):
                 raise TypeError(f"target {name!r} is a {type(module).__name__}, which SHiRA does not support; "
                                 "supported module types: torch.nn.Linear")
-        patterns: dict[str, dict] = {}
         if indices is not None:
             extra = sorted(set(indices) - {n for n, _ in targets})
             if extra:
                 raise ValueError(f"SHiRA tensors given for {extra[0]!r}, which is not a target of this "
                                  f"adapter's target_modules in this model ({len(extra)} such modules)")
-            for name, _ in targets:
-                if name not in indices:
-                    raise ValueError(f"no SHiRA tensors for targeted module {name!r}")
-                patterns[name] = {"mask": None, "indices": indices[name]}
-        else:
-            if config.mask_fn is None:
-                raise ValueError(f"mask_type={config.mask_type!r} is unknown and config.mask_fn is not set; "
-                                 f"built-in mask types: {sorted(MASK_FUNCTIONS)}")
-            for name, module in targets:
-                base = module.base_layer if isinstance(module, ShiraLinear) else module
-                shira_budget(base.out_features, base.in_features, config.r, where=name)
+            missing = [name for name, _ in targets if name not in indices]
+            if missing:
+                raise ValueError(f"no SHiRA tensors for targeted module {missing[0]!r}")
+        elif config.mask_fn is None:
+            raise ValueError(f"mask_type={config.mask_type!r} is unknown and config.mask_fn is not set; "
+                             f"built-in mask types: {sorted(MASK_FUNCTIONS)}")
+        layers = []
+        for name, module in targets:
+            base = module.base_layer if isinstance(module, ShiraLinear) else module
+            shape = layer_shape(base)
+            nnz = shira_budget(*shape, config.r, where=name)
+            source: dict = {}
+            if indices is not None:
+                source["indices"] = indices[name]
+            else:
                 seed = None if config.random_seed is None else layer_seed(config.random_seed, name)
                 if config.mask_fn is random_mask:  # the built-in: its pattern made directly in CSR form
-                    csr = random_csr(layer_shape(base), config.r, seed, mask_device(base.weight))
-                    patterns[name] = {"mask": None, "indices": None, "csr": csr}
+                    source["csr"] = random_csr(shape, config.r, seed, mask_device(base.weight))
                 else:
-                    patterns[name] = {"mask": _call_mask_fn(config.mask_fn, base, config.r, seed), "indices": None}
+                    source["mask"] = _call_mask_fn(config.mask_fn, base, config.r, seed)
+            layers.append((name, module, make_pattern(shape, nnz, f"{name} {shape} adapter {adapter_name!r}", **source)))
         saved = find_modules_to_save(self.model, config.modules_to_save)
+        return _AdapterPlan(adapter_name, config, layers, saved)
 
-        built: dict[str, ShiraLinear] = {}
-        for name, module in targets:  # build new layers first, so a bad mask changes nothing
-            if isinstance(module, nn.Linear):
-                built[name] = ShiraLinear(module, adapter_name=adapter_name, r=config.r,
-                                          init_weights=config.init_weights, layer_name=name,
-                                          fan_in_fan_out=config.fan_in_fan_out, **patterns[name])
-                built[name].set_adapter(self._active_adapters or [adapter_name])
-        for name, module in targets:
+    def _apply_plan(self, plan: "_AdapterPlan") -> None:
+        if not self.peft_config:
+            self.model.requires_grad_(False)  # the base is frozen; adapters set their own flags
+        config, name_ = plan.config, plan.adapter_name
+        for name, module, pattern in plan.layers:
             if isinstance(module, ShiraLinear):
-                module.update_layer(adapter_name, r=config.r, init_weights=config.init_weights, **patterns[name])
+                module.update_layer(name_, None, config.r, init_weights=config.init_weights, pattern=pattern)
             else:
+                layer = ShiraLinear(module, adapter_name=name_, r=config.r, init_weights=config.init_weights,
+                                    layer_name=name, fan_in_fan_out=config.fan_in_fan_out, pattern=pattern)
+                layer.set_adapter(self._active_adapters or [name_])
                 parent, child = get_submodule_parent(self.model, name)
-                setattr(parent, child, built[name])
-        for name, module in saved:
+                setattr(parent, child, layer)
+        for name, module in plan.saved:
             if isinstance(module, ModulesToSave):
-                module.add(adapter_name)
+                module.add(name_)
             else:
                 parent, child = get_submodule_parent(self.model, name)
-                setattr(parent, child, ModulesToSave(module, adapter_name))
-        self.peft_config[adapter_name] = config
+                setattr(parent, child, ModulesToSave(module, name_))
+        self.peft_config[name_] = config
         self._mark_tied_weights()
 
     def _mark_tied_weights(self) -> None:
@@ -356,22 +364,39 @@ class ShiraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False) -> "ShiraModel":
+                        is_trainable: bool = False, allow_non_finite: bool = False) -> "ShiraModel":
+        """Wrap ``model`` with the adapter saved in ``model_id``. The whole checkpoint is checked
+        first: on any error ``model`` is left exactly as it was."""
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
         obj._setup(model)
-        obj.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        obj.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_non_finite=allow_non_finite)
         obj._active_adapters = [adapter_name]
         obj._apply_active()
         return obj
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False) -> None:
-        """Load a saved adapter (PEFT's format) as ``adapter_name``; not activated."""
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     allow_non_finite: bool = False) -> None:
+        """Load a saved adapter (PEFT's format) as ``adapter_name``; not activated.
+
+        All-or-nothing: the config, every tensor (finite values unless ``allow_non_finite``,
+        integral indices, shapes) and the modules_to_save state are checked against the model
+        before anything changes. Errors name the file.
+        """
+        ckpt.check_adapter_name(adapter_name)
         config = dataclasses.replace(ShiraConfig.from_pretrained(model_id), inference_mode=not is_trainable)
+        source = ckpt.weights_path(model_id)
         tensors = ckpt.read_adapter_tensors(model_id)
         saved_paths = [n for n, _ in find_modules_to_save(self.model, config.modules_to_save)]
-        loaded = ckpt.split_adapter_tensors(tensors, saved_paths)
-        self._inject(adapter_name, config, indices={path: idx for path, (_, idx) in loaded.shira.items()})
+        loaded = ckpt.split_adapter_tensors(tensors, saved_paths, source, allow_non_finite=allow_non_finite)
+        try:
+            plan = self._plan(adapter_name, config, indices={path: idx for path, (_, idx) in loaded.shira.items()})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+        for name, module in plan.saved:
+            _check_saved_state(module.original_module if isinstance(module, ModulesToSave) else module,
+                               loaded.saved.get(name, {}), f"{source}: modules_to_save {name!r}")
+        self._apply_plan(plan)
         with torch.no_grad():
             for name, layer in self.shira_layers():
                 if name in loaded.shira:
@@ -379,11 +404,27 @@ class ShiraModel(nn.Module):
                     values.copy_(loaded.shira[name][0].to(values.dtype))
             for name, module in self._saved_modules():
                 if name in loaded.saved:
-                    try:
-                        module.modules_to_save[adapter_name].load_state_dict(loaded.saved[name], strict=True)
-                    except RuntimeError as e:
-                        raise ValueError(f"modules_to_save {name!r}: checkpoint does not fit the model: {e}") from e
+                    module.modules_to_save[adapter_name].load_state_dict(loaded.saved[name], strict=True)
         self._apply_active()
+
+
+class _AdapterPlan:
+    """A checked adapter, ready to add: (path, module, pattern) per target, modules_to_save."""
+
+    def __init__(self, adapter_name: str, config: ShiraConfig, layers: list, saved: list) -> None:
+        self.adapter_name, self.config, self.layers, self.saved = adapter_name, config, layers, saved
+
+
+def _check_saved_state(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """A modules_to_save checkpoint must hold exactly the module's tensors, in its shapes."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected.keys() != got.keys():
+        missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+        raise ValueError(f"{where}: does not fit the model (missing {missing}, unexpected {extra})")
+    for key, shape in expected.items():
+        if got[key] != shape:
+            raise ValueError(f"{where}: {key} has shape {got[key]}, the model's is {shape}")
 
 
 def get_peft_model(model: nn.Module, peft_config: ShiraConfig, adapter_name: str = "default",
