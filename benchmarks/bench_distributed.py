@@ -43,6 +43,8 @@ import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for tools/
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STRATEGIES = ["ddp", "fsdp2", "zero2", "zero3", "zero3_offload", "zero3_default"]
 METHODS = ["shira_dist", "peft_shira", "peft_lora"]
@@ -140,7 +142,9 @@ def _wrap(strategy: str, method: str, model, micro_batch: int):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = DDP(model, forward_sync_buffers=False)
-        sd.route_ddp_through_python(ddp)  # so count_collectives sees its all-reduces
+        from tools.traffic import route_ddp_through_python
+
+        route_ddp_through_python(ddp)  # so count_collectives sees its all-reduces
         return ddp, torch.optim.AdamW(trainable(model), lr=1e-4)
     if strategy == "fsdp2":
         if method == "shira_dist":
@@ -190,7 +194,8 @@ def worker(args) -> None:
         dist.init_process_group("gloo")
     import torch.distributed as dist
 
-    from shira_dist.distributed import count_collectives, data_parallel_slice, trainable_bytes
+    from shira_dist.distributed import data_parallel_slice
+    from tools.traffic import count_collectives, trainable_bytes
 
     rank, world = dist.get_rank(), dist.get_world_size()
     # Every method's process loads the same libraries before building the model, so RSS compares

@@ -67,7 +67,7 @@ import os, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from shira_dist import ShiraConfig, get_peft_model
 from shira_dist.kernels import triton_kernels as tk
-from shira_dist.kernels.cuda_compile import KERNELS, exercise
+from tools.cuda_compile import KERNELS, exercise
 os.environ['SHIRA_DIST_KERNEL_BACKEND'] = 'triton'
 dev = torch.device('$device')
 hidden, inter, batch, seq = (int(v) for v in '$res_sizes'.split())

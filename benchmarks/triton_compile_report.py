@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for tools/
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the launches run on the CPU
 os.environ.setdefault("SHIRA_DIST_KERNEL_BACKEND", "triton")
 
@@ -22,7 +24,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from shira_dist import ShiraConfig, get_peft_model  # noqa: E402
-from shira_dist.kernels.cuda_compile import compile_launches, exercise, record_launches  # noqa: E402
+from tools.cuda_compile import compile_launches, exercise, record_launches  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

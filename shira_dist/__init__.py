@@ -1,6 +1,6 @@
 """shira_dist: Sparse High Rank Adapters with PEFT's API, built for sharded training."""
 
-from .calibration import calibrate_masks
+from .masks import calibrate_masks
 from .config import ShiraConfig
 from .layer import ShiraLayer, ShiraLinear
 from .masks import MASK_FUNCTIONS, random_mask

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .calibration import CALIBRATED_MASKS, LossFn, calibrate_masks
+from .masks import CALIBRATED_MASKS, LossFn, calibrate_masks
 from .config import ShiraConfig
 from .layer import ShiraLinear
 from .masks import MASK_FUNCTIONS, layer_seed, layer_shape, mask_device, random_csr, random_mask, shira_budget

@@ -110,7 +110,7 @@ def test_safe_merge_leaves_weight_untouched_on_nonfinite():
 
 @pytest.mark.parametrize("out_f,in_f,r", [(40, 24, 4), (24, 40, 3), (33, 33, 2)])
 def test_struct_pattern_uses_dense_blocks_and_matches_dense(out_f, in_f, r):
-    from shira_dist.mask_strategies import struct_mask
+    from shira_dist.masks import struct_mask
 
     mask = struct_mask(torch.nn.Linear(in_f, out_f), r, random_seed=1)
     idx = mask.indices()

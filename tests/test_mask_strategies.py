@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from shira_dist import ShiraConfig, get_peft_model
-from shira_dist.calibration import calibrate_masks, calibration_scores
-from shira_dist.mask_strategies import (gradient_mask, snip_mask, struct_mask, topk_mask, topk_positions,
+from shira_dist.masks import calibrate_masks, calibration_scores
+from shira_dist.masks import (gradient_mask, snip_mask, struct_mask, topk_mask, topk_positions,
                                         weight_magnitude_mask)
 from shira_dist.masks import MASK_FUNCTIONS, validate_indices
 from shira_dist.targeting import find_targets
@@ -340,7 +340,7 @@ def test_data_free_strategies_work_through_get_peft_model(mask_type):
 def test_topk_positions_large_layer_sampled_threshold_is_exact():
     # Above 2^22 entries the k-th largest is found from a sampled threshold; it must still be exact,
     # including ties at the threshold (values are quantised so many entries tie).
-    from shira_dist.mask_strategies import topk_positions
+    from shira_dist.masks import topk_positions
 
     g = torch.Generator().manual_seed(5)
     scores = torch.randint(0, 2000, (2048, 2100), generator=g).float()

@@ -2,7 +2,7 @@
 
 The interpreter tests (test_triton_kernels.py) check the kernels' arithmetic; these record the
 specialization every launch of a real training run would compile on CUDA (through
-shira_dist.kernels.cuda_compile), compile each with Triton's compiler and ptxas for sm_80
+tools.cuda_compile), compile each with Triton's compiler and ptxas for sm_80
 (A100) and sm_90 (H100/H200), and check the generated code: it compiles, nothing spills, the
 gathers load 128-bit vectors, the tensor-core SDDMM really uses the tensor cores for half
 inputs, and fp32 stays IEEE fp32 unless torch allows TF32.
@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from shira_dist.kernels import cuda_compile
-from shira_dist.kernels.cuda_compile import Launch, compile_launches, exercise, record_launches
+from tools import cuda_compile
+from tools.cuda_compile import Launch, compile_launches, exercise, record_launches
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = torch.device("cpu" if INTERPRET else "cuda")

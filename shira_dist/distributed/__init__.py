@@ -24,7 +24,6 @@ from .adapter_io import gather_adapter_state_dict, is_zero3_partitioned, save_ad
 from .common import data_parallel_slice, rank_and_world, unwrap_shira_model
 from .consistency import MaskMismatchError, broadcast_adapters, check_adapters_consistent, sync_adapters
 from .fsdp import decoder_layers, shard_fsdp1, shard_fsdp2
-from .traffic import CollectiveCounts, count_collectives, route_ddp_through_python, trainable_bytes
 from .zero import deepspeed_config, deepspeed_initialize, zero_stage_of
 from .strategies import DeepSpeedStrategy, FsdpStrategy  # registers the job's fsdp / deepspeed strategies
 
@@ -45,10 +44,6 @@ __all__ = [
     "unwrap_shira_model",
     "data_parallel_slice",
     "rank_and_world",
-    "CollectiveCounts",
-    "count_collectives",
-    "route_ddp_through_python",
-    "trainable_bytes",
     "FsdpStrategy",
     "DeepSpeedStrategy",
 ]

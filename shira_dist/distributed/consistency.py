@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..calibration import CALIBRATED_MASKS
+from ..masks import CALIBRATED_MASKS
 from ..modules_to_save import ModulesToSave
 from .common import rank_and_world, unwrap_shira_model
 
@@ -123,7 +123,6 @@ def broadcast_adapters(model: nn.Module, src: int = 0, group: Optional[dist.Proc
     device = _comm_device(group)
     values = list(_broadcast_values(model))  # checks for sharded values before any collective
     for _, layer in unwrap_shira_model(model).shira_layers():
-        layer.unfuse()
         for adapter in layer.shira_weight:
             layer.shira_indices.pattern(adapter).broadcast_(src, group, device)
     for _, t in values:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..calibration import CALIBRATED_MASKS
+from ..masks import CALIBRATED_MASKS
 from ..model import ShiraModel
 from ..training import optim_state, register_strategy
 from ..training.schema import RunConfig

@@ -16,16 +16,17 @@ module's train/eval mode are restored, even when a batch fails.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .config import ShiraConfig
-from .layer import ShiraLinear
-from .mask_strategies import gradient_mask, gradient_scores, snip_mask, snip_scores
-from .masks import mask_to_indices, shira_budget
-from .targeting import find_targets
+from ..targeting import find_targets
+from .common import layer_shape, mask_to_indices, shira_budget
+from .scored import gradient_mask, gradient_scores, snip_mask, snip_scores
+
+if TYPE_CHECKING:
+    from ..config import ShiraConfig
 
 Batch = Mapping[str, Any]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -37,21 +38,21 @@ CALIBRATED_MASKS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[.
 }
 
 
-def _target_weights(model: nn.Module, config: ShiraConfig) -> list[tuple[str, nn.Linear]]:
+def _target_weights(model: nn.Module, config: "ShiraConfig") -> list[tuple[str, nn.Linear]]:
     """(module path, base Linear) per target; checks type, loaded weights and budget first."""
     found = []
     for name, module in find_targets(model, config.target_modules):
-        base = module.base_layer if isinstance(module, ShiraLinear) else module
+        base = getattr(module, "base_layer", module)  # a SHiRA layer's frozen Linear
         if not isinstance(base, nn.Linear):
             raise TypeError(f"target {name!r} is a {type(module).__name__}; calibration supports torch.nn.Linear")
         weight = base.weight
-        _require_whole(name, weight)
+        _require_whole(name, base)
         if weight.device.type == "meta":
             raise ValueError(f"calibration needs loaded weights, but {name!r} is on the meta device; "
                              "load the weights first, or use mask_type='random' or 'struct'")
         if not weight.dtype.is_floating_point:
             raise TypeError(f"calibration needs floating-point weights, but {name!r} has {weight.dtype}")
-        shira_budget(weight.shape[0], weight.shape[1], config.r, where=name)
+        shira_budget(*layer_shape(base), config.r, where=name)
         found.append((name, base))
     return found
 
@@ -77,18 +78,18 @@ def _batch_loss(model: nn.Module, batch: Batch, i: int, loss_fn: Optional[LossFn
     return loss
 
 
-def _require_whole(name: str, weight: Tensor) -> None:
-    """Scores need every entry of a weight on this rank: refuse a sharded one (FSDP/ZeRO-3)."""
-    from torch.distributed.tensor import DTensor
+def _require_whole(name: str, base: nn.Linear) -> None:
+    """Scores need every entry of a plain weight on this rank: refuse a sharded or quantized one."""
+    weight = base.weight
+    if type(weight) not in (Tensor, nn.Parameter) or tuple(weight.shape) != layer_shape(base):
+        raise ValueError(f"{name}.weight is a {type(weight).__name__} {tuple(weight.shape)}, not a whole plain weight "
+                         "on this rank (sharded by FSDP, a DeepSpeed ZeRO-3 partition, or quantized): "
+                         "data-driven masks (mask_type gradient/snip) are computed on the whole model before sharding — "
+                         "call get_peft_model(..., calibration_data=...) first, then shira_dist.distributed.sync_adapters "
+                         "and shard (the training job does this)")
 
-    if isinstance(weight, DTensor) or hasattr(weight, "ds_id"):
-        kind = "an FSDP2 DTensor shard" if isinstance(weight, DTensor) else "a DeepSpeed ZeRO-3 partition"
-        raise ValueError(f"{name}.weight is {kind}: data-driven masks (mask_type gradient/snip) are computed on the "
-                         "whole model before sharding — call get_peft_model(..., calibration_data=...) first, then "
-                         "shira_dist.distributed.sync_adapters and shard (the training job does this)")
 
-
-def calibration_scores(model: nn.Module, config: ShiraConfig, batches: Iterable[Batch],
+def calibration_scores(model: nn.Module, config: "ShiraConfig", batches: Iterable[Batch],
                        loss_fn: Optional[LossFn] = None) -> dict[str, Tensor]:
     """Accumulated importance per targeted module: {module path: (out, in) float32 scores}.
 
@@ -141,7 +142,7 @@ def calibration_scores(model: nn.Module, config: ShiraConfig, batches: Iterable[
     return {name: scores[id(base.weight)] for name, base in targets}
 
 
-def calibrate_masks(model: nn.Module, config: ShiraConfig, batches: Iterable[Batch],
+def calibrate_masks(model: nn.Module, config: "ShiraConfig", batches: Iterable[Batch],
                     loss_fn: Optional[LossFn] = None) -> dict[str, Tensor]:
     """SHiRA-Grad / SHiRA-SNIP patterns: {module path: indices (2, r*(in+out)) int32, row-major}.
 

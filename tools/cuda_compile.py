@@ -38,7 +38,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import triton_kernels
+from shira_dist.kernels import triton_kernels
 
 KERNELS = ("_scatter_merge_kernel", "_scatter_restore_kernel", "_sddmm_kernel", "_sddmm_blocked_kernel",
            "_csr_spmm_kernel")
@@ -156,7 +156,7 @@ def compile_launches(launches: list[Launch], archs: tuple[int, ...] = (80, 90)) 
         if not isinstance(a, int) or a < 75:
             raise ValueError(f"archs={archs!r}: each must be an int compute capability >= 75 (e.g. 80, 90)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "shira_dist.kernels.cuda_compile"], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
                           input=pickle.dumps(([vars(x) for x in launches], archs)))
     if proc.returncode != 0:
         raise RuntimeError(f"compiling the Triton kernels for sm_{archs} failed:\n{proc.stderr.decode()[-4000:]}")
