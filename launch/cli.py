@@ -4,11 +4,13 @@
     shira-launch torchrun  --config configs/tiny.yaml --nnodes 2 --node-rank 0 --rdzv-endpoint HOST:PORT --run-id ID
     shira-launch deepspeed --config configs/x.yaml --hosts localhost:2
     shira-launch slurm     --config configs/tiny.yaml --nodes 2 [--dry-run]
-    shira-launch status|cancel RUN_DIR_OR_JOB_ID
+    shira-launch status RUN_DIR_OR_JOB_ID              # any backend's run directory, or a SLURM job id
+    shira-launch cancel RUN_DIR_OR_JOB_ID              # SLURM runs
 
 Every launch makes a run directory (``runs/<name>-<run id>/``, see ``shira_dist.launch.run_dir``)
 and passes it to the training job as ``output_dir``. Trailing ``key=value`` arguments are config
 overrides. Bad arguments, a missing config or tool exit with status 2 before anything starts.
+Secret-looking ``--env`` values (``*_KEY``, ``*_TOKEN``, ...) travel only in the environment.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .backends import deepspeed, local, slurm, slurm_queue, torchrun
+from . import status
+from .backends import deepspeed, local, slurm, torchrun
 from .errors import LaunchError
+from .options import check_text_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for backend in (local, torchrun, deepspeed, slurm):
         backend.add_parser(subparsers)
-    slurm_queue.add_queue_parsers(subparsers)
+    status.add_parsers(subparsers)
     return parser
 
 
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     args.argv = ["shira-launch", *argv]  # recorded in the run directory's launch.yaml
     try:
+        check_text_options(args)
         return args.run(args)
     except LaunchError as exc:
         print(f"shira-launch {args.command}: error: {exc}", file=sys.stderr)

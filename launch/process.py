@@ -40,7 +40,7 @@ def run_logged(cmd: list[str], log_path: Path, env: dict[str, str]) -> int:
     The child runs in its own session, so a Ctrl-C reaches it once: the launcher passes SIGINT and
     SIGTERM on (torchrun and the deepspeed runner then stop their workers) and waits for it to exit.
     """
-    with open(log_path, "ab") as log:
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         log.write(f"$ {shell_line(cmd)}\n".encode())
         log.flush()
         try:
@@ -61,3 +61,32 @@ def run_logged(cmd: list[str], log_path: Path, env: dict[str, str]) -> int:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), or None if it is gone or there
+    is no /proc. Recorded next to a PID so a later check is not fooled by the PID being reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name in (...) may contain spaces
+    except OSError:
+        return None
+    if fields[0] == "Z":  # exited, not yet reaped
+        return None
+    return int(fields[19])
+
+
+def pid_running(pid: int, started: int | None) -> bool:
+    """True while process ``pid`` runs and (when ``started`` is known) is the same process that was recorded."""
+    now = process_start(pid)
+    if now is not None:
+        return started is None or now == started
+    if Path("/proc/self/stat").exists():
+        return False
+    try:  # no /proc (macOS): signal 0 only asks whether the PID exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,7 +16,7 @@ from .errors import LaunchError
 
 TRAIN_MODULE = "shira_dist.train"
 # Dotted config keys, e.g. ``training.max_steps`` or ``distributed.strategy``.
-_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
 # Set by the launcher itself: the run directory is the training job's output directory.
 RESERVED_KEYS = ("output_dir",)
 

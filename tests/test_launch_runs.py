@@ -7,8 +7,15 @@
     slurm      a local SLURM cluster (tests/slurm) runs a 2-node job: srun + one torchrun agent per
                node, rendezvous at the head node's NodeAddr; or srun starting both ranks itself
 
-Every run checks the launcher's exit status, the run directory's records and logs, and the adapter
-the training job saved there.
+Every run checks the launcher's exit status, the run directory's records and logs, the adapter
+the training job saved there, and ``shira-launch status`` of the run directory. Every run passes a
+secret (``--env WANDB_API_KEY=...``): no file of the run directory holds it, the directories are
+private (0o700), and the training processes saw it (a ``sitecustomize`` on PYTHONPATH records the
+argv and environment of every Python process the launch starts).
+
+Hostile values (quotes, ``$(...)``, backticks, ``;``, ``#``, ``%``, spaces) in every free-text option
+go through real sbatch and a real job with stub trainers (the quoting tests without SLURM are in
+test_launch_safety.py, whose stub tools these tests reuse).
 """
 
 from __future__ import annotations
@@ -39,9 +46,9 @@ MAX_STEPS = 3
 STEPS = f"training.max_steps={MAX_STEPS}"
 
 
-def _load_fixture_module():
-    """tests/slurm/fixture.py by path (test directories are not packages here)."""
-    spec = importlib.util.spec_from_file_location("_shira_tests_slurm_fixture", HERE / "slurm" / "fixture.py")
+def _load_by_path(path: Path, name: str):
+    """A helper module by path (test directories are not packages here)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = sys.modules.get(spec.name)
     if module is None:
         module = importlib.util.module_from_spec(spec)
@@ -50,7 +57,16 @@ def _load_fixture_module():
     return module
 
 
-slurm_cluster = _load_fixture_module().slurm_cluster
+slurm_cluster = _load_by_path(HERE / "slurm" / "fixture.py", "_shira_tests_slurm_fixture").slurm_cluster
+safety = _load_by_path(HERE / "test_launch_safety.py", "_shira_tests_launch_safety")  # stub tools, hostile values
+SECRET = safety.SECRET
+SECRET_ENV = ["--env", f"WANDB_API_KEY={SECRET}", "--env", "NCCL_DEBUG=INFO"]
+OBSERVER = """# Test observer: a Python process started with SHIRA_TEST_OBSERVE set records its argv and environment.
+import json, os, sys
+if os.environ.get("SHIRA_TEST_OBSERVE"):
+    with open(os.path.join(os.environ["SHIRA_TEST_OBSERVE"], f"{os.getpid()}.json"), "w") as f:
+        json.dump({"argv": sys.orig_argv, "env": dict(os.environ)}, f)
+"""
 
 
 def free_port() -> int:
@@ -65,6 +81,58 @@ def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update(GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
                OMP_NUM_THREADS="1", **(extra or {}))
     return env
+
+
+@pytest.fixture
+def observer(tmp_path_factory) -> Path:
+    """A directory where every Python process of the launch records itself (see OBSERVER); the environment
+    variables that switch it on are in ``observed_env(observer)``."""
+    root = tmp_path_factory.mktemp("observer")
+    (root / "site").mkdir()
+    (root / "seen").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(OBSERVER)
+    return root
+
+
+def observed_env(observer: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return launch_env({"PYTHONPATH": str(observer / "site"), "SHIRA_TEST_OBSERVE": str(observer / "seen"),
+                       **(extra or {})})
+
+
+def training_processes(observer: Path) -> list[dict]:
+    """The recorded ``python [-u] -m shira_dist.train ...`` processes (not torchrun agents or launchers)."""
+    docs = [json.loads(p.read_text()) for p in (observer / "seen").glob("*.json")]
+    return [d for d in docs if "shira_dist.train" in d["argv"][:4] and
+            d["argv"][d["argv"].index("shira_dist.train") - 1] == "-m"]
+
+
+def assert_secret_handled(run_dir: Path, observer: Path, processes: int) -> None:
+    """The secret reached every training process and no file of the run directory; the directory is private."""
+    seen = training_processes(observer)
+    assert len(seen) == processes, [d["argv"] for d in seen]
+    for doc in seen:
+        assert (doc["env"].get("WANDB_API_KEY"), doc["env"].get("NCCL_DEBUG")) == (SECRET, "INFO"), doc["argv"]
+    assert safety.files_with(run_dir, SECRET) == []
+    assert safety.mode(run_dir) == 0o700 and safety.mode(run_dir / "logs") == 0o700
+
+
+def status_of(run_dir: Path, slurm_conf: Path | None = None) -> str:
+    """``shira-launch status RUN_DIR`` in this process (squeue/scontrol run for real for SLURM runs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if slurm_conf is not None:
+            mp.setenv("SLURM_CONF", str(slurm_conf))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["status", str(run_dir)]) == 0
+    return out.getvalue()
+
+
+def assert_status_completed(run_dir: Path, launchers: list[str]) -> None:
+    out = status_of(run_dir)
+    for name in launchers:
+        assert f"{run_dir.name} (" in out and f", {name}, started " in out, out
+    assert out.count("finished, launcher exited with code 0 at ") == len(launchers), out
+    assert f"training: completed, step {MAX_STEPS} of {MAX_STEPS} ({run_dir / 'metrics.json'})" in out, out
 
 
 def shira_launch(*args, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -105,9 +173,9 @@ def assert_launch_records(run_dir: Path, backend: str, tag: str = "") -> None:
     assert (run_dir / "config.yaml").read_text() == TINY.read_text()
 
 
-def test_local_two_processes_ddp(tmp_path):
-    proc = shira_launch("local", "--config", TINY, "--nproc-per-node", 2, "--runs-dir", tmp_path, STEPS,
-                        "distributed.strategy=ddp")
+def test_local_two_processes_ddp(tmp_path, observer):
+    proc = shira_launch("local", "--config", TINY, "--nproc-per-node", 2, "--runs-dir", tmp_path, *SECRET_ENV, STEPS,
+                        "distributed.strategy=ddp", env=observed_env(observer))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     assert_launch_records(run_dir, "local")
@@ -115,15 +183,18 @@ def test_local_two_processes_ddp(tmp_path):
     log = (run_dir / "logs" / "launch.log").read_text()
     assert "[shira-launch]" in proc.stdout and log.strip()
     assert_trained(run_dir, "ddp", 2)
+    assert_secret_handled(run_dir, observer, processes=2)
+    assert_status_completed(run_dir, ["launch.yaml"])
 
 
-def test_two_torchrun_agents_form_one_job(tmp_path):
+def test_two_torchrun_agents_form_one_job(tmp_path, observer):
     """Multi-node on one machine: two `shira-launch torchrun` agents, node ranks 0 and 1, one rendezvous."""
     endpoint = f"127.0.0.1:{free_port()}"
     agents = [subprocess.Popen([SHIRA_LAUNCH, "torchrun", "--config", str(TINY), "--nnodes", "2", "--node-rank",
                                 str(rank), "--rdzv-endpoint", endpoint, "--local-addr", "127.0.0.1", "--run-id", "mn",
-                                "--runs-dir", str(tmp_path), STEPS, "distributed.strategy=ddp"],
-                               env=launch_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--runs-dir", str(tmp_path), *SECRET_ENV, STEPS, "distributed.strategy=ddp"],
+                               env=observed_env(observer), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
               for rank in (0, 1)]
     outputs = []
     try:
@@ -140,24 +211,28 @@ def test_two_torchrun_agents_form_one_job(tmp_path):
         assert_launch_records(run_dir, "torchrun", f"-node{rank}")
         assert (run_dir / "logs" / f"launch-node{rank}.log").read_text().strip()
     assert_trained(run_dir, "ddp", 2)
+    assert_secret_handled(run_dir, observer, processes=2)
+    assert_status_completed(run_dir, ["launch-node0.yaml", "launch-node1.yaml"])
 
 
-def test_deepspeed_runner_with_local_hostfile(tmp_path):
-    proc = shira_launch("deepspeed", "--config", TINY, "--hosts", "localhost:2", "--runs-dir", tmp_path, STEPS,
-                        "distributed.strategy=deepspeed",
+def test_deepspeed_runner_with_local_hostfile(tmp_path, observer):
+    proc = shira_launch("deepspeed", "--config", TINY, "--hosts", "localhost:2", "--runs-dir", tmp_path, *SECRET_ENV,
+                        STEPS, "distributed.strategy=deepspeed",
                         f"distributed.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
-                        env=launch_env({"DS_ACCELERATOR": "cpu",
-                                        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}))
+                        env=observed_env(observer, {"DS_ACCELERATOR": "cpu",
+                                                    "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     assert (run_dir / "hostfile").read_text() == "localhost slots=2\n"
     assert_launch_records(run_dir, "deepspeed")
     assert "dist_world_size=2" in (run_dir / "logs" / "launch.log").read_text()
     assert_trained(run_dir, "deepspeed", 2)
+    assert_secret_handled(run_dir, observer, processes=2)
+    assert_status_completed(run_dir, ["launch.yaml"])
 
 
-def submit(cluster, runs: Path, *args) -> tuple[Path, str]:
-    proc = shira_launch("slurm", "--config", TINY, "--runs-dir", runs, *args, env=cluster.env(launch_env()))
+def submit(cluster, runs: Path, *args, env: dict[str, str] | None = None) -> tuple[Path, str]:
+    proc = shira_launch("slurm", "--config", TINY, "--runs-dir", runs, *args, env=cluster.env(env or launch_env()))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = only_run_dir(runs)
     job_id = (run_dir / JOB_ID_FILE).read_text().strip()
@@ -166,9 +241,9 @@ def submit(cluster, runs: Path, *args) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])
-def test_slurm_two_node_job_trains_to_completion(slurm_cluster, tmp_path, launcher):
+def test_slurm_two_node_job_trains_to_completion(slurm_cluster, tmp_path, observer, launcher):
     run_dir, job_id = submit(slurm_cluster, tmp_path, "--nodes", 2, "--launcher", launcher, "--rdzv-port", free_port(),
-                             STEPS, "distributed.strategy=ddp")
+                             *SECRET_ENV, STEPS, "distributed.strategy=ddp", env=observed_env(observer))
     state = slurm_cluster.wait_job(job_id, timeout=TIMEOUT)
     log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
     assert state == "COMPLETED", f"{state}\n{log[-4000:]}\n{slurm_cluster.logs()}"
@@ -176,7 +251,53 @@ def test_slurm_two_node_job_trains_to_completion(slurm_cluster, tmp_path, launch
     assert (run_dir / "sbatch.sh").read_text().startswith("#!/bin/bash")
     assert_launch_records(run_dir, "slurm")
     assert_trained(run_dir, "ddp", 2)
-    assert queue_command(slurm_cluster, "status", run_dir) == (0, f"job {job_id}: COMPLETED exit=0:0 nodes=n[1-2]\n")
+    assert_secret_handled(run_dir, observer, processes=2)
+    out = status_of(run_dir, slurm_cluster.conf).splitlines()
+    assert out[0] == f"job {job_id}: COMPLETED exit=0:0 nodes=n[1-2]"
+    assert out[1] == f"training: completed, step {MAX_STEPS} of {MAX_STEPS} ({run_dir / 'metrics.json'})"
+    assert out[2] == f"log {run_dir / 'logs' / f'slurm-{job_id}.out'} (last 10 lines):"
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_slurm_job_with_hostile_values_runs_only_the_intended_commands(slurm_cluster, tmp_path, monkeypatch, capsys,
+                                                                       launcher):
+    """Real sbatch reads the quoted #SBATCH lines, real slurmd runs the script in the hostile working directory
+    and writes the log under the hostile run directory, real srun starts stub trainers on both nodes."""
+    stubs = safety.Stubs(tmp_path)  # only the trainers: srun and scontrol are SLURM's
+    monkeypatch.setattr(sys, "executable", stubs.python)
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "SBATCH_")) and k != "SLURM_CONF"]:
+        monkeypatch.delenv(key)
+    argv, expect = safety.hostile_slurm_launch(tmp_path, monkeypatch, launcher)
+    code, out, err = safety.launch(capsys, *argv, "--nodes", 2, "distributed.strategy=ddp")
+    assert code == 0, out + err
+    run_dir = Path(expect["run_dir"])
+    job_id = (run_dir / JOB_ID_FILE).read_text().strip()
+    show = slurm_cluster.run("scontrol", "show", "job", job_id).stdout
+    fields = {line.strip().split("=", 1)[0]: line.strip().split("=", 1)[1] for line in show.splitlines()
+              if line.strip().startswith(("Comment=", "WorkDir="))}
+    assert fields == {"Comment": expect["comment"], "WorkDir": expect["cwd"]}
+    state = slurm_cluster.wait_job(job_id, timeout=TIMEOUT)
+    log = run_dir / "logs" / f"slurm-{job_id}.out"  # the run directory has a literal %j: written %%j in --output
+    assert state == "COMPLETED", f"{state}\n{log.read_text() if log.exists() else ''}\n{slurm_cluster.logs()}"
+    assert f"[shira-launch] job {job_id} on n[1-2]" in log.read_text()
+
+    module_args = ["-m", "shira_dist.train", "--config", expect["config"], f"output_dir={run_dir}", expect["override"],
+                   "distributed.strategy=ddp"]
+    trainers = stubs.calls("torchrun" if launcher == "torchrun" else "python")
+    assert len(trainers) == 2  # one per node
+    for call in trainers:
+        if launcher == "torchrun":
+            assert call.argv[:3] == ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
+            assert call.argv[4:] == [f"--rdzv-id={job_id}", *module_args]
+        else:
+            assert call.argv == module_args
+        assert (call.env["MSG"], call.env["WANDB_API_KEY"], call.env["NCCL_DEBUG"]) == (expect["env"], SECRET, "INFO")
+        assert call.cwd == expect["cwd"]
+    assert safety.no_canaries(tmp_path) == []
+    assert safety.files_with(run_dir, SECRET) == []
+    assert safety.mode(run_dir) == 0o700 and safety.mode(run_dir / "sbatch.sh") == 0o700
+    assert status_of(run_dir).startswith(f"job {job_id}: COMPLETED exit=0:0 nodes=n[1-2]\n")
 
 
 def queue_command(cluster, *argv) -> tuple[int, str]:

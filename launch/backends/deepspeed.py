@@ -21,13 +21,15 @@ from pathlib import Path
 
 from ..errors import LaunchError
 from ..foreground import run_foreground
-from ..options import add_common, job_and_run_dir, parse_env, positive
+from ..env_vars import parse_env
+from ..options import add_common, job_and_run_dir, positive
 from ..process import shell_line, sibling_tool
 from ..training import TrainingJob
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1")
 DS_LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi")
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # one hostfile line per host: no spaces
 
 
 def add_parser(subparsers) -> None:
@@ -51,8 +53,9 @@ def parse_hosts(spec: str) -> dict[str, int]:
     hosts: dict[str, int] = {}
     for item in spec.split(","):
         host, sep, slots = item.strip().partition(":")
-        if not host or not sep or not slots.isdigit() or int(slots) < 1 or host in hosts:
-            raise LaunchError(f"--hosts={spec!r}: expected distinct HOST:SLOTS entries with SLOTS >= 1, "
+        if not _HOST.match(host) or not sep or not slots.isdigit() or int(slots) < 1 or host in hosts:
+            raise LaunchError(f"--hosts={spec!r}: expected distinct HOST:SLOTS entries with SLOTS >= 1 and "
+                              f"HOST a host name or address (letters, digits, '.', '_', '-'), "
                               f"e.g. localhost:2 or n1:4,n2:4")
         hosts[host] = int(slots)
     return hosts
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     cmd = deepspeed_command(job, run_dir, hosts, args.master_addr, port, args.node_rank, args.ds_launcher)
     if args.dry_run:
         print(f"# hostfile ({run_dir / 'hostfile'}):\n{hostfile_text(hosts)}", end="")
-        print("".join(f"{k}={shell_line([v])} " for k, v in env.items()) + shell_line(cmd))
+        print(env.notes() + env.shell_prefix() + shell_line(cmd))
         return 0
     tag = f"-node{args.node_rank}" if args.node_rank is not None else ""
     return run_foreground("deepspeed", args.argv, job, run_dir, cmd, env, tag=tag, shared=args.node_rank is not None,

@@ -9,7 +9,8 @@ import argparse
 from pathlib import Path
 
 from ..foreground import run_foreground
-from ..options import add_common, job_and_run_dir, parse_env, positive
+from ..env_vars import parse_env
+from ..options import add_common, job_and_run_dir, positive
 from ..process import shell_line
 from ..training import TrainingJob
 from .torchrun_cmd import torchrun_prefix
@@ -38,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
     env = parse_env(args.env)
     cmd = local_command(job, run_dir, nproc)
     if args.dry_run:
-        print("".join(f"{k}={shell_line([v])} " for k, v in env.items()) + shell_line(cmd))
+        print(env.notes() + env.shell_prefix() + shell_line(cmd))
         return 0
     return run_foreground("local", args.argv, job, run_dir, cmd, env)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..errors import LaunchError
 from ..foreground import run_foreground
-from ..options import add_common, job_and_run_dir, parse_env, positive
+from ..env_vars import parse_env
+from ..options import add_common, job_and_run_dir, positive
 from ..process import shell_line
 from ..training import TrainingJob
 from .torchrun_cmd import Rendezvous, torchrun_prefix
@@ -68,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
     commands = {r: node_command(job, run_dir, Rendezvous(nnodes, endpoint, run_id, r, args.local_addr),
                                 nproc) for r in ranks}
     if args.dry_run:
-        prefix = "".join(f"{k}={shell_line([v])} " for k, v in env.items())
+        print(env.notes(), end="")
         for rank, cmd in commands.items():
-            print(f"# node {rank}\n{prefix}{shell_line(cmd)}")
+            print(f"# node {rank}\n{env.shell_prefix()}{shell_line(cmd)}")
         return 0
     rank = args.node_rank
     return run_foreground("torchrun", args.argv, job, run_dir, commands[rank], env, tag=f"-node{rank}", shared=True)
