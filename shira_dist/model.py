@@ -22,7 +22,7 @@ from .config import ShiraConfig
 from .layer import ShiraLinear
 from .masks import MASK_FUNCTIONS, layer_seed, layer_shape, mask_device, random_csr, random_mask, shira_budget
 from .modules_to_save import ModulesToSave
-from .partitioned import full_numel
+from .partitioned import full_numel, full_shape
 from .patterns import make_pattern
 from .targeting import find_modules_to_save, find_targets, get_submodule_parent
 
@@ -417,7 +417,8 @@ class _AdapterPlan:
 
 def _check_saved_state(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
     """A modules_to_save checkpoint must hold exactly the module's tensors, in its shapes."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    # keep_vars: the parameters themselves, whose whole shape a ZeRO-3 partition still knows
+    expected = {k: full_shape(v) for k, v in module.state_dict(keep_vars=True).items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected.keys() != got.keys():
         missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())

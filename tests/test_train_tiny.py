@@ -116,10 +116,12 @@ def test_keep_checkpoints_and_resume_never(tmp_path):
 
 def test_resuming_a_different_adapter_fails_fast(straight, capsys):
     out, _ = straight
-    rc = main(["--config", TINY, f"output_dir={out}", "shira.r=4"])
+    rc = main(["--config", TINY, f"output_dir={out}", "shira.r=4", f"training.resume={out}/checkpoints/step-20"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert f"{out}/checkpoints/step-40 holds an adapter with r=8, but the config asks for shira.r=4" in err
+    assert f"{out}/checkpoints/step-20 holds an adapter with r=8, but the config asks for shira.r=4" in err
+    rc = main(["--config", TINY, f"output_dir={out}", "shira.r=4"])  # resume=auto: the run is complete
+    assert rc == 2 and f"output_dir='{out}' holds a completed run (40 steps" in capsys.readouterr().err
 
 
 def test_data_driven_mask_is_calibrated_on_training_batches(straight, tmp_path):

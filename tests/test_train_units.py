@@ -3,6 +3,7 @@ prompt encoding and truncation, launcher environments, data formats, packaged da
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -65,8 +66,12 @@ def test_lm_classification_encoding_keeps_the_template_end_when_truncating():
     long = bytes(out["input_ids"][1])
     assert len(long) <= 20 and long.startswith(b"r: xxx") and long.endswith(b"\ns:")
     assert label_token_ids(task, ByteTokenizer()) == [ord("n"), ord("p")]
-    with pytest.raises(ValueError, match=r"label=.maybe. in the data is not one of task.labels=\['neg', 'pos'\]"):
-        enc({"text": ["a"], "label": ["maybe"]})
+    with pytest.raises(ValueError, match=r"row 8: label=.maybe. is not one of task.labels=\['neg', 'pos'\]"):
+        enc({"text": ["a"], "label": ["maybe"]}, [7])
+    with pytest.raises(ValueError, match=r"row 1: field 'text' \(read by task.prompt_template\) is empty \(null\)"):
+        enc({"text": [None], "label": ["neg"]})
+    with pytest.raises(ValueError, match=r"is 6 tokens before any example text, but task.max_length=6"):
+        ExampleEncoder(dataclasses.replace(task, max_length=6), ByteTokenizer())
     multi = TaskConfig(type="lm_classification", labels=["a", "b"], label_words=["no", "yes"])
     with pytest.raises(ValueError, match=r"label_words\[0\]='no' is 2 tokens"):
         label_token_ids(multi, ByteTokenizer())

@@ -9,6 +9,10 @@
     objective.py    loss/accuracy per task
     strategy.py     single / ddp (+ registered fsdp / deepspeed)
     schedule.py, loop.py, evaluate.py, checkpointing.py, tracking.py, progress.py, report.py
+    data_checks.py  data files' content, checked in preflight (file, line, field)
+    resume.py       where a run starts: the newest whole checkpoint, or a clean slate
+    outcome.py      how it ends: metrics.json status (failed/interrupted too), signals
+    errors.py       the job's own errors (one line, an exit status each)
     run.py          one run, start to finish
 """
 

@@ -3,23 +3,30 @@
     <output_dir>/checkpoints/step-<N>/adapter_config.json        PEFT format: loads with
     <output_dir>/checkpoints/step-<N>/adapter_model.safetensors  (shira_dist|peft).PeftModel.from_pretrained
     <output_dir>/checkpoints/step-<N>/trainer_state.pt           step, optimizer, scheduler, RNG of
-                                                                  every rank, metrics so far
+                                                                  every rank, loop state; written last:
+                                                                  the marker of a whole checkpoint
     <output_dir>/final/                                          the adapter alone
 
-A checkpoint is written into a hidden temp directory and renamed into place, so every
-``step-<N>`` directory that exists is complete. Only rank 0 writes.
+Only rank 0 writes, and a kill at any moment leaves either a whole checkpoint or none:
+
+    save    write into checkpoints/.tmp-step-<N>-*/, then rename it to step-<N>
+    prune   rename step-<N> to checkpoints/.trash-step-<N>-*/, then delete it
+    final   write into .tmp-final-*/, then rename it to final/
+    start   remove .tmp-* and .trash-* leftovers and step-* directories without trainer_state.pt
+
+Which checkpoint a run resumes from is resume.py's business.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import random
 import re
 import shutil
 import tempfile
+import time
 from typing import Optional
 
 import torch
@@ -29,19 +36,56 @@ from torch import Tensor
 from .. import ShiraConfig
 from ..checkpoint import write_adapter_tensors
 from ..io import atomic_write_bytes
+from .errors import RunFailed
 
 STATE_NAME = "trainer_state.pt"
+STATE_KEYS = ("step", "global_batch", "optimizer", "scheduler", "rng", "loop")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = (".tmp-", ".trash-")
+# Test hook: "save:<N>" or "prune:<N>" stops the process (prints a line, then sleeps) in the
+# middle of writing step-<N> or of pruning while step-<N> is saved, so a test can SIGKILL it there.
+PAUSE_ENV = "SHIRA_DIST_TEST_PAUSE"
 
 
 def checkpoints_root(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
+def _pause_for_test(point: str, step: int) -> None:
+    if os.environ.get(PAUSE_ENV) == f"{point}:{step}":
+        print(f"[shira_dist] test pause: {point} at step {step}", flush=True)
+        while True:
+            time.sleep(60)
+
+
 def save_adapter(directory: str, tensors: dict[str, Tensor], config: ShiraConfig) -> None:
     """adapter_config.json + adapter_model.safetensors (what ShiraModel.save_pretrained writes)."""
     write_adapter_tensors(directory, tensors)
     dataclasses.replace(config, inference_mode=True).save_pretrained(directory)
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    """Put the finished directory ``tmp`` at ``final``: an older ``final`` is renamed away first."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    trash = None
+    if os.path.isdir(final):
+        trash = tempfile.mkdtemp(prefix=f".trash-{os.path.basename(final)}-", dir=os.path.dirname(final))
+        os.rename(final, os.path.join(trash, "old"))
+    os.rename(tmp, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_final_adapter(output_dir: str, tensors: dict[str, Tensor], config: ShiraConfig) -> str:
+    """<output_dir>/final, written whole or not at all (rank 0 only)."""
+    final = os.path.join(output_dir, "final")
+    tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=output_dir)
+    try:
+        save_adapter(tmp, tensors, config)
+        _replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def rng_state() -> dict:
@@ -80,20 +124,29 @@ def save_checkpoint(output_dir: str, step: int, tensors: dict[str, Tensor], conf
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(os.path.join(tmp, STATE_NAME), buffer.getvalue())
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _pause_for_test("save", step)
+        _replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if keep is not None:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(output_dir, keep, step)
     return final
 
 
+def prune_checkpoints(output_dir: str, keep: int, step: int = -1) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoints; each is renamed away before it is deleted."""
+    old = list_checkpoints(output_dir)[:-keep]
+    for path in old:
+        trash = tempfile.mkdtemp(prefix=f".trash-{os.path.basename(path)}-", dir=os.path.dirname(path))
+        os.rename(path, os.path.join(trash, "old"))
+        os.remove(os.path.join(trash, "old", STATE_NAME))
+        _pause_for_test("prune", step)
+        shutil.rmtree(trash, ignore_errors=True)
+    return old
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete step-<N> directories, oldest first."""
+    """step-<N> directories holding a trainer_state.pt (the file a save writes last), oldest first."""
     root = checkpoints_root(output_dir)
     if not os.path.isdir(root):
         return []
@@ -105,37 +158,47 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def find_resume_dir(output_dir: str, resume: str) -> Optional[str]:
-    """resume='auto': the latest checkpoint in output_dir (or None); 'never': None; else that directory."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    if not os.path.isfile(os.path.join(resume, STATE_NAME)):
-        raise FileNotFoundError(f"training.resume={resume!r} is not a checkpoint directory (no {STATE_NAME}); "
-                                "allowed: auto, never, or a checkpoints/step-<N> directory")
-    return resume
+def checkpoint_step(directory: str) -> Optional[int]:
+    match = _STEP_DIR.match(os.path.basename(os.path.normpath(directory)))
+    return int(match.group(1)) if match else None
 
 
-def check_resume_matches(directory: str, shira: dict) -> None:
-    """The checkpoint's adapter must be the one the config asks for (else resuming would
-    silently train a different adapter than configured)."""
-    with open(os.path.join(directory, "adapter_config.json")) as f:
-        saved = json.load(f)
-    for key, wanted in shira.items():
-        if saved.get(key) != wanted:
-            raise ValueError(f"{directory} holds an adapter with {key}={saved.get(key)!r}, but the config asks for "
-                             f"shira.{key}={wanted!r}; use another output_dir, or training.resume=never to start over")
-
-
-def clear_checkpoints(output_dir: str) -> list[str]:
-    """Remove step-<N> directories of an earlier run (a fresh start must not resume from them later)."""
-    found = list_checkpoints(output_dir)
-    for path in found:
-        shutil.rmtree(path, ignore_errors=True)
-    return found
+def remove_leftovers(output_dir: str) -> list[str]:
+    """Remove what a killed save or prune left behind (rank 0, at start); returns the names removed."""
+    removed = []
+    root = checkpoints_root(output_dir)
+    places = [(output_dir, False), (os.path.join(output_dir, "final"), False), (root, True)]
+    for directory, is_root in places:
+        if not os.path.isdir(directory):
+            continue
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            half_deleted = is_root and _STEP_DIR.match(name) and not os.path.isfile(os.path.join(path, STATE_NAME))
+            if name.startswith(_LEFTOVER) or half_deleted:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+                removed.append(os.path.relpath(path, output_dir))
+    return removed
 
 
 def load_trainer_state(directory: str) -> dict:
-    return torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
+    path = os.path.join(directory, STATE_NAME)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch's zip reader and unpickler raise many types, none naming the file
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+            from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not a trainer state of this job")
+    return state
+
+
+def check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """A non-finite adapter is never written: RunFailed naming the first bad tensor."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise RunFailed(f"the adapter holds non-finite values ({bad[0]}{more}): {what} is not written")

@@ -11,6 +11,7 @@ resolved config written to ``<output_dir>/resolved_config.yaml`` runs from anywh
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import string
 import typing
@@ -121,14 +122,19 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return value
         raise bad
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad
+        if number is None:
+            raise bad
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -204,7 +210,7 @@ def check_run_config(cfg: RunConfig) -> None:
 
     for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
         _require(getattr(tr, key) >= 1, f"training.{key}={getattr(tr, key)} is invalid: must be >= 1")
-    for key in ("warmup_steps", "eval_every", "save_every", "weight_decay"):
+    for key in ("warmup_steps", "eval_every", "save_every", "weight_decay", "max_nonfinite_steps"):
         _require(getattr(tr, key) >= 0, f"training.{key}={getattr(tr, key)} is invalid: must be >= 0")
     _require(tr.learning_rate > 0, f"training.learning_rate={tr.learning_rate} is invalid: must be > 0")
     _require(0.0 <= tr.min_lr_ratio <= 1.0, f"training.min_lr_ratio={tr.min_lr_ratio} is invalid: must be in [0, 1]")

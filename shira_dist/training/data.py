@@ -17,7 +17,9 @@ import os
 import string
 from typing import Optional
 
+from .data_checks import find_bad_row
 from .encoding import ExampleEncoder, has_targets
+from .errors import DataError
 from .schema import DataConfig, TaskConfig
 
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -54,11 +56,24 @@ def check_data_files(data: DataConfig) -> None:
             infer_format(files, data.format)
 
 
-def load_examples(files: list[str], fmt: Optional[str], cache_dir: str, limit: Optional[int]):
-    """A datasets.Dataset of the raw rows of ``files`` (first ``limit`` rows if set)."""
+def load_examples(files: list[str], fmt: Optional[str], cache_dir: str, limit: Optional[int],
+                  task: Optional[TaskConfig] = None):
+    """A datasets.Dataset of the raw rows of ``files`` (first ``limit`` rows if set).
+
+    Files datasets cannot read raise a DataError naming the file and line (found by reading
+    them through data_checks when ``task`` is given), not datasets' own traceback."""
     import datasets
 
-    ds = datasets.load_dataset(infer_format(files, fmt), data_files=list(files), split="train", cache_dir=cache_dir)
+    fmt = infer_format(files, fmt)
+    try:
+        ds = datasets.load_dataset(fmt, data_files=list(files), split="train", cache_dir=cache_dir)
+    except datasets.exceptions.DatasetsError as e:
+        found = find_bad_row(files, fmt, task) if task is not None else None
+        if found is not None:
+            raise found from None
+        cause = e.__cause__ or e
+        raise DataError(f"data {files} cannot be read as {fmt}: {type(cause).__name__}: "
+                        f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''}") from None
     if limit is not None and limit < len(ds):
         ds = ds.select(range(limit))
     return ds
@@ -72,7 +87,7 @@ def _check_columns(ds, task: TaskConfig, files: list[str]) -> None:
         wanted.add(task.label_field)
     missing = sorted(wanted - set(ds.column_names))
     if missing:
-        raise ValueError(f"data {files[0]!r}{' (and others)' if len(files) > 1 else ''} has no column(s) {missing} "
+        raise DataError(f"data {files[0]!r}{' (and others)' if len(files) > 1 else ''} has no column(s) {missing} "
                          f"used by the task (prompt_template/response_template/label_field); "
                          f"its columns: {ds.column_names}")
 
@@ -82,9 +97,13 @@ def tokenize(ds, encoder: ExampleEncoder, files: list[str], split: str):
     from datasets.fingerprint import Hasher
 
     _check_columns(ds, encoder.task, files)
-    key = Hasher.hash([ds._fingerprint, dataclasses.asdict(encoder.task), encoder.tokenizer.fingerprint, "v2"])
-    out = ds.map(encoder, batched=True, batch_size=256, remove_columns=ds.column_names, new_fingerprint=key,
-                 desc=f"tokenizing {split}")
+    key = Hasher.hash([ds._fingerprint, dataclasses.asdict(encoder.task), encoder.tokenizer.fingerprint, "v3"])
+    try:
+        out = ds.map(encoder, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
+                     new_fingerprint=key, desc=f"tokenizing {split}")
+    except DataError as e:  # the encoder names the row; add the files
+        source = files[0] if len(files) == 1 else f"{files} (rows counted across the files in order)"
+        raise DataError(f"{split} data {source} {e}") from None
     if encoder.task.type == "causal_lm":
         before = len(out)
         out = out.filter(has_targets, new_fingerprint=Hasher.hash([key, "has_targets"]))
@@ -92,5 +111,5 @@ def tokenize(ds, encoder: ExampleEncoder, files: list[str], split: str):
             print(f"[shira_dist] {split}: dropped {before - len(out)} examples with nothing to predict "
                   f"after truncation to task.max_length={encoder.task.max_length}", flush=True)
     if len(out) == 0:
-        raise ValueError(f"{split} data {files} has no usable examples")
+        raise DataError(f"{split} data {files} has no usable examples")
     return out

@@ -8,39 +8,54 @@ One optimizer step k, on every rank:
         loss_sum, correct = objective(model, batch)               summed, not averaged
         backward(loss_sum * world_size / N)                       DDP averages over ranks,
                                                                   so grads = d(sum loss)/dθ / N
-    clip to max_grad_norm; optimizer step; scheduler step; zero grads
+    loss = all-reduce(loss sums) / N; norm = global gradient norm (clip to max_grad_norm)
+    loss and norm finite (an all-reduced verdict)?  optimizer step : no update (non-finite guard)
+    scheduler step; zero grads
 
-Everything a resume needs is in LoopState + optimizer/scheduler/RNG (checkpointing.py);
-the data position is the step number.
+A non-finite step stops the run (RunFailed) unless training.max_nonfinite_steps allows
+skipping it. Everything a resume needs is in LoopState (including the open log window, so
+logged averages do not depend on where a run was resumed) + optimizer/scheduler/RNG
+(checkpointing.py); the data position is the step number.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ContextManager, Optional
 
 import torch
 
 from .batches import BatchPlan, collate
+from .errors import RunFailed
 from .evaluate import evaluate
 from .objective import Objective
 from .progress import Progress
 from .schema import RunConfig
-from .strategy import TrainingStrategy
+from .strategy import TrainingStrategy, engine_step, steps_inside_engine
 
 
 @dataclass
 class LoopState:
-    step: int = 0  # optimizer steps done
+    step: int = 0  # optimizer steps done (a skipped non-finite step counts: its batch is used up)
     tokens: int = 0  # input tokens trained on (all ranks)
     train_seconds: float = 0.0  # wall time inside the loop, over all resumes
-    losses: list[float] = field(default_factory=list)  # per-step global mean loss
+    losses: list[Optional[float]] = field(default_factory=list)  # per-step global mean loss (None: skipped)
     log: list[dict] = field(default_factory=list)  # the logged points
     evals: list[dict] = field(default_factory=list)  # {"step": k, **metrics}
     eval_before: Optional[dict] = None
+    # The open log window: sums since the last log point (loss, targets, correct, tokens, grad
+    # norm) over its `window_steps` finite steps, which took `window_seconds` of training time.
+    window: list[float] = field(default_factory=lambda: [0.0] * 5)
+    window_steps: int = 0
+    window_seconds: float = 0.0
+    skipped: list[dict] = field(default_factory=list)  # non-finite steps: {"step", "loss", "grad_norm"}
+    nonfinite_streak: int = 0  # non-finite steps in a row, up to `step`
+    segments: list[dict] = field(default_factory=list)  # one per process run: strategy, world size, steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,8 +102,29 @@ def _eval_line(prefix: str, metrics: dict) -> str:
     return f"[shira_dist] {prefix}: " + ", ".join(parts)
 
 
-def train_step(ctx: LoopContext, step: int) -> torch.Tensor:
-    """One optimizer step; returns (loss sum, targets, correct, tokens) summed over ranks."""
+def _guarded_step(ctx: LoopContext, loss_finite: bool) -> tuple[float, bool]:
+    """Clip and step unless the loss or the gradient norm is not finite: (norm, stepped).
+
+    Both are reduced over ranks (the loss by the all-reduce before, the norm from all-reduced
+    gradients or DTensor shards), and the verdict is all-reduced too, so every rank decides alike.
+    An engine that steps inside itself (DeepSpeed) is stepped only on a finite loss; its norm is
+    known afterwards (it skips an update on an invalid norm itself under ZeRO's fp32 checks)."""
+    strategy, max_norm = ctx.strategy, ctx.cfg.training.max_grad_norm
+    if steps_inside_engine(strategy):
+        if not loss_finite:
+            return float("nan"), False
+        norm, measured = engine_step(strategy, max_norm)
+        return norm, not measured or math.isfinite(norm)
+    norm = strategy.clip_grad_norm(max_norm)
+    bad = torch.tensor([0.0 if loss_finite and math.isfinite(norm) else 1.0], dtype=torch.float64)
+    stepped = float(strategy.all_reduce_sum(bad)[0]) == 0.0
+    if stepped:
+        strategy.optimizer_step()
+    return norm, stepped
+
+
+def train_step(ctx: LoopContext, step: int) -> tuple[torch.Tensor, bool]:
+    """One optimizer step: ((loss sum, targets, correct, tokens) summed over ranks + grad norm, stepped)."""
     micro = [collate([ctx.train_data[i] for i in ids], ctx.pad_id, ctx.objective.left_pad)
              for ids in ctx.plan.micro_batches(step, ctx.rank)]
     n_local = sum(ctx.objective.num_targets(b) for b in micro)
@@ -106,58 +142,86 @@ def train_step(ctx: LoopContext, step: int) -> torch.Tensor:
         stats += torch.tensor([float(loss_sum.detach()), 0.0, float(correct) if correct is not None else 0.0,
                                tokens], dtype=torch.float64)
     stats[1] = n_local
-    grad_norm = ctx.strategy.clip_and_step(ctx.cfg.training.max_grad_norm)
-    ctx.scheduler.step()
+    out = ctx.strategy.all_reduce_sum(stats)  # the whole global batch, the same on every rank
+    norm, stepped = _guarded_step(ctx, math.isfinite(float(out[0])))
+    with warnings.catch_warnings():  # a skipped first step: "lr_scheduler.step() before optimizer.step()"
+        warnings.simplefilter("ignore", UserWarning)
+        ctx.scheduler.step()
     ctx.strategy.zero_grad()
-    out = ctx.strategy.all_reduce_sum(stats)
-    return torch.cat([out, torch.tensor([grad_norm], dtype=torch.float64)])
+    return torch.cat([out, torch.tensor([norm], dtype=torch.float64)]), stepped
+
+
+def _nonfinite(ctx: LoopContext, state: LoopState, loss: float, norm: float, progress: Progress) -> None:
+    """Record a step that took no update; raise RunFailed when it may not be skipped."""
+    tr = ctx.cfg.training
+    state.nonfinite_streak += 1
+    state.losses.append(None)
+    state.skipped.append({"step": state.step, "loss": str(loss), "grad_norm": str(norm)})
+    what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {state.step} " \
+           f"(loss {loss}, gradient norm {norm})"
+    if steps_inside_engine(ctx.strategy):
+        raise RunFailed(f"{what}: the run diverged and stops (DeepSpeed steps inside its engine, so such a step "
+                        f"cannot be skipped); lower training.learning_rate (now {tr.learning_rate:g})")
+    if state.nonfinite_streak > tr.max_nonfinite_steps:
+        allowed = "stops at the first one (training.max_nonfinite_steps=0)" if tr.max_nonfinite_steps == 0 else \
+            f"had {state.nonfinite_streak} such steps in a row, more than training.max_nonfinite_steps=" \
+            f"{tr.max_nonfinite_steps}"
+        raise RunFailed(f"{what}: the run diverged and {allowed}; nothing after the last checkpoint is saved. "
+                        f"Lower training.learning_rate (now {tr.learning_rate:g}) or raise "
+                        "training.max_nonfinite_steps to skip such steps")
+    progress.write(f"[shira_dist] warning: {what}: step skipped, no update ({state.nonfinite_streak} in a row, "
+                   f"training.max_nonfinite_steps={tr.max_nonfinite_steps})")
+
+
+def _log_point(ctx: LoopContext, state: LoopState, lr: float, progress: Progress) -> None:
+    tr, w = ctx.cfg.training, state.window
+    point = {"train/loss": w[0] / max(w[1], 1.0), "train/lr": lr, "train/grad_norm": w[4] / state.window_steps,
+             "train/tokens_per_second": w[3] / max(state.window_seconds, 1e-9),
+             "train/tokens": state.tokens, "train/epoch": ctx.plan.epoch_of(state.step - 1),
+             "system/peak_memory_mb": peak_memory_mb(ctx.device)}
+    if ctx.objective.task_type != "causal_lm":
+        point["train/accuracy"] = w[2] / max(w[1], 1.0)
+    state.log.append({"step": state.step, **point})
+    ctx.tracker.log(point, step=state.step)
+    progress.write(f"[shira_dist] step {state.step}/{tr.max_steps}: loss {point['train/loss']:.4f}, "
+                   f"lr {lr:.2e}, {point['train/tokens_per_second']:,.0f} tok/s, "
+                   f"peak mem {point['system/peak_memory_mb']:,.0f} MB")
+    state.window, state.window_steps, state.window_seconds = [0.0] * 5, 0, 0.0
 
 
 def train_loop(ctx: LoopContext, state: LoopState, progress: Progress) -> LoopState:
     tr = ctx.cfg.training
     ctx.strategy.model.train()
-    window = torch.zeros(5, dtype=torch.float64)  # loss sum, targets, correct, tokens, grad-norm sum
-    window_steps, window_start = 0, time.perf_counter()
     last = tr.max_steps if tr.stop_after_step is None else min(tr.max_steps, tr.stop_after_step)
     while state.step < last:
         lr = ctx.scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
-        stats = train_step(ctx, state.step)
-        state.train_seconds += time.perf_counter() - t0
+        stats, stepped = train_step(ctx, state.step)
+        seconds = time.perf_counter() - t0
+        state.train_seconds += seconds
         state.step += 1
         state.tokens += int(stats[3])
-        loss = float(stats[0] / max(float(stats[1]), 1.0))
-        state.losses.append(loss)
-        window += stats
-        window_steps += 1
-        elapsed = time.perf_counter() - window_start
-        progress.update(loss, float(window[3]) / max(elapsed, 1e-9), lr)
+        loss, norm = float(stats[0] / max(float(stats[1]), 1.0)), float(stats[4])
+        if stepped:
+            state.nonfinite_streak = 0
+            state.losses.append(loss)
+            state.window = [a + float(b) for a, b in zip(state.window, stats)]
+            state.window_steps += 1
+            state.window_seconds += seconds
+            progress.update(loss, state.window[3] / max(state.window_seconds, 1e-9), lr)
+        else:
+            _nonfinite(ctx, state, loss, norm, progress)
+            progress.update(loss, 0.0, lr)
 
-        if state.step % tr.log_every == 0 or state.step == tr.max_steps:
-            point = {"train/loss": float(window[0] / max(float(window[1]), 1.0)), "train/lr": lr,
-                     "train/grad_norm": float(window[4]) / window_steps,
-                     "train/tokens_per_second": float(window[3]) / max(elapsed, 1e-9),
-                     "train/tokens": state.tokens, "train/epoch": ctx.plan.epoch_of(state.step - 1),
-                     "system/peak_memory_mb": peak_memory_mb(ctx.device)}
-            if ctx.objective.task_type != "causal_lm":
-                point["train/accuracy"] = float(window[2] / max(float(window[1]), 1.0))
-            state.log.append({"step": state.step, **point})
-            ctx.tracker.log(point, step=state.step)
-            progress.write(f"[shira_dist] step {state.step}/{tr.max_steps}: loss {point['train/loss']:.4f}, "
-                           f"lr {lr:.2e}, {point['train/tokens_per_second']:,.0f} tok/s, "
-                           f"peak mem {point['system/peak_memory_mb']:,.0f} MB")
-            window.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-
+        if (state.step % tr.log_every == 0 or state.step == tr.max_steps) and state.window_steps:
+            _log_point(ctx, state, lr, progress)
         if tr.eval_every and state.step % tr.eval_every == 0 and state.step < tr.max_steps:
             metrics = run_eval(ctx)
             if metrics is not None:
                 state.evals.append({"step": state.step, **metrics})
                 ctx.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
                 progress.write(_eval_line(f"eval at step {state.step}", metrics))
-            window_start = time.perf_counter()
         if (tr.save_every and state.step % tr.save_every == 0) or state.step == last:
             path = ctx.save_checkpoint(state)
             progress.write(f"[shira_dist] checkpoint: {path}")
-            window_start = time.perf_counter()
     return state

@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 from .. import ShiraConfig, ShiraModel, get_peft_model
+from ..masks import layer_shape, shira_budget
+from ..targeting import find_targets
 from .builtin_models import builtin_model_dir, check_builtin_available, default_cache_dir
+from .config import ConfigError
 from .schema import ModelConfig, RunConfig, ShiraSection, TaskConfig
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -96,11 +99,45 @@ def shira_config(section: ShiraSection, task: TaskConfig, base_name: str) -> Shi
                        task_type=task_type, base_model_name_or_path=base_name)
 
 
+def check_adapter_fits(model: nn.Module, section: ShiraSection) -> None:
+    """Every targeted layer has room for shira.r*(in+out) entries (works on a meta-device model too)."""
+    try:
+        targets = find_targets(model, section.target_modules)
+    except ValueError as e:
+        raise ConfigError(f"shira.target_modules={section.target_modules!r}: {e}") from None
+    for name, module in targets:
+        try:
+            shira_budget(*layer_shape(module), section.r, where=name)
+        except ValueError as e:
+            raise ConfigError(f"shira.r={section.r} does not fit the model: {e}") from None
+
+
+def meta_model(cfg: RunConfig) -> Optional[nn.Module]:
+    """The configured model's architecture on the meta device (no weights, no memory), when its
+    config is at hand without converting anything; else None."""
+    from transformers import AutoConfig
+
+    m, task = cfg.model, cfg.task
+    extra = {"num_labels": len(task.labels)} if task.type == "sequence_classification" else {}
+    if m.inline_config is not None:
+        settings = {k: v for k, v in m.inline_config.items() if k != "model_type"}
+        hf_config = AutoConfig.for_model(m.inline_config["model_type"], **settings, **extra)
+    else:
+        directory = m.path if m.path is not None else (
+            model_directory(m) if m.builtin == "all-minilm-l6-v2" else None)  # smollm2: converted at first run
+        if directory is None:
+            return None
+        hf_config = AutoConfig.from_pretrained(directory, local_files_only=True, **extra)
+    with torch.device("meta"):
+        return _auto_class(task).from_config(hf_config)
+
+
 def build_adapter(base: nn.Module, cfg: RunConfig, resume_dir: Optional[str],
                   calibration: Optional[Iterable[dict]], loss_fn) -> ShiraModel:
     """A new adapter from cfg.shira, or the adapter saved in ``resume_dir`` (trainable)."""
     if resume_dir is not None:
         return ShiraModel.from_pretrained(base, resume_dir, is_trainable=True)
+    check_adapter_fits(base, cfg.shira)
     base_name = cfg.model.path or cfg.model.builtin or f"inline:{cfg.model.inline_config['model_type']}"
     config = shira_config(cfg.shira, cfg.task, base_name)
     if cfg.shira.mask_type in ("gradient", "snip"):

@@ -34,13 +34,17 @@ def tracker_summary(summary: dict) -> dict:
 
 
 def metrics_document(state: LoopState, status: str, eval_after: Optional[dict], adapter: dict, info: dict) -> dict:
-    window = state.losses[-10:]
+    """``info``: this process's run (strategy, world size, resumed_from, ...); ``state``: the training
+    history it continued. Skipped non-finite steps are null in ``losses`` and listed in ``skipped_steps``."""
+    finite = [x for x in state.losses if x is not None]
+    window = finite[-10:]
     train = {"steps": state.step, "tokens": state.tokens, "seconds": round(state.train_seconds, 3),
              "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
-             "first_loss": state.losses[0] if state.losses else None,
-             "final_loss": sum(window) / len(window) if window else None, "losses": state.losses}
+             "first_loss": finite[0] if finite else None,
+             "final_loss": sum(window) / len(window) if window else None, "losses": state.losses,
+             "skipped_steps": state.skipped}
     return {"status": status, **info, "train": train, "eval_before": state.eval_before, "eval_after": eval_after,
-            "evals": state.evals, "log": state.log,
+            "evals": state.evals, "log": state.log, "segments": state.segments,
             "adapter": dict(adapter)}
 
 

@@ -5,7 +5,9 @@
         ─► eval before ─► train loop (log / eval / checkpoint) ─► final adapter ─► eval after
         ─► metrics.json ─► "where everything went"
 
-Rank 0 writes every output file; other ranks only compute (and fill local caches).
+Rank 0 writes every output file; other ranks only compute (and fill local caches). Rank 0
+also cleans up after an interrupted run, picks the resume point (the newest checkpoint that
+loads) and tells the others. However the run ends, metrics.json says so (outcome.py).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import contextlib
 import dataclasses
 import os
 import random
-import time
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..io import atomic_write_bytes
 from . import checkpointing as ckpt
@@ -26,12 +28,15 @@ from .config import config_to_yaml
 from .data import load_examples, tokenize
 from .dist_env import DistEnv, destroy_process_group, init_process_group, local_main_first, pick_device
 from .encoding import ExampleEncoder, label_token_ids
+from .errors import DataError, RunFailed
 from .loop import LoopContext, LoopState, run_eval, train_loop
 from .models import build_adapter, load_base_model, model_directory
 from .objective import Objective
+from .outcome import RunRecord, disk_full, rank0_writes, termination_signals
 from .prepare import prepare_data
 from .progress import Progress
-from .report import adapter_summary, metrics_document, tracker_summary, where_everything_went, write_metrics
+from .report import adapter_summary, tracker_summary, where_everything_went
+from .resume import claim_output_dir
 from .schedule import make_scheduler
 from .schema import RunConfig
 from .strategy import make_strategy
@@ -65,12 +70,12 @@ def _load_data(cfg: RunConfig, encoder: ExampleEncoder, env: DistEnv):
             import datasets
 
             datasets.disable_progress_bars()
-        train = tokenize(load_examples(train_files, d.format, d.cache_dir, d.max_train_examples), encoder,
+        train = tokenize(load_examples(train_files, d.format, d.cache_dir, d.max_train_examples, cfg.task), encoder,
                          train_files, "train")
         evaluation = None
         if eval_files:
-            evaluation = tokenize(load_examples(eval_files, d.format, d.cache_dir, d.max_eval_examples), encoder,
-                                  eval_files, "eval")
+            evaluation = tokenize(load_examples(eval_files, d.format, d.cache_dir, d.max_eval_examples, cfg.task),
+                                  encoder, eval_files, "eval")
     return train, evaluation, train_files + eval_files
 
 
@@ -92,7 +97,7 @@ def _fresh_start(seed: int, env: DistEnv) -> LoopState:
     return LoopState()
 
 
-def _restore(resume_dir: str, strategy, scheduler, plan: BatchPlan, env: DistEnv) -> LoopState:
+def _restore(resume_dir: str, strategy, scheduler, plan: BatchPlan, env: DistEnv, now: dict) -> LoopState:
     """Optimizer, scheduler, this rank's RNG and the loop state of a checkpoint (the adapter is already loaded)."""
     saved = ckpt.load_trainer_state(resume_dir)
     strategy.load_optimizer_state_dict(saved["optimizer"])
@@ -106,8 +111,40 @@ def _restore(resume_dir: str, strategy, scheduler, plan: BatchPlan, env: DistEnv
         _log(env, f"warning: the checkpoint has RNG states of {len(saved['rng'])} ranks, this run has "
                   f"{env.world_size}: random streams restart")
     state = LoopState.from_dict(saved["loop"])
-    _log(env, f"resumed from {resume_dir} at step {state.step}")
+    changes = [f"{key} {saved[key]} -> {value}" for key, value in now.items()
+               if saved.get(key) is not None and saved[key] != value]
+    _log(env, f"resumed from {resume_dir} at step {state.step}"
+              + (f"; what changes: {', '.join(changes)}" if changes else ""))
     return state
+
+
+def _from_rank0(env: DistEnv, value):
+    """Rank 0's ``value`` on every rank (a broadcast when there is a process group)."""
+    if not env.distributed or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _claim_output_dir(cfg: RunConfig, env: DistEnv) -> Optional[str]:
+    """Rank 0 prepares output_dir (checkpointing.claim_output_dir) and tells every rank the checkpoint
+    to resume from (None: a fresh start)."""
+    decision: tuple[Optional[str], Optional[str]] = (None, None)  # (resume dir, rank 0's error)
+    if env.is_main:
+        try:
+            directory, notes = claim_output_dir(cfg.output_dir, cfg.training.resume)
+            for note in notes:
+                _log(env, note)
+            atomic_write_bytes(os.path.join(cfg.output_dir, "resolved_config.yaml"), config_to_yaml(cfg).encode())
+            decision = (directory, None)
+        except Exception as e:
+            _from_rank0(env, (None, str(e)))
+            raise
+    directory, error = _from_rank0(env, decision)
+    if error is not None:
+        raise RunFailed(f"rank 0 failed while preparing output_dir: {error}")
+    return directory
 
 
 def resolve_num_threads(num_threads) -> Optional[int]:
@@ -126,20 +163,29 @@ def run(cfg: RunConfig, env: DistEnv) -> Optional[dict]:
     if threads:
         torch.set_num_threads(threads)
     device = pick_device(env)
-    init_process_group(env, device, cfg.distributed.backend, cfg.distributed.timeout_minutes)
-    try:
-        return _run(cfg, env, device)
-    finally:
-        destroy_process_group()
+    record = RunRecord(cfg.output_dir, env.is_main)
+    with termination_signals():
+        try:
+            init_process_group(env, device, cfg.distributed.backend, cfg.distributed.timeout_minutes)
+            try:
+                return _run(cfg, env, device, record)
+            finally:
+                destroy_process_group()
+        except BaseException as e:
+            failure = disk_full(e, cfg.output_dir)
+            record.finish_with(failure or e)
+            if failure is not None:
+                raise failure from None
+            raise
 
 
-def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
-    started = time.perf_counter()
+def _run(cfg: RunConfig, env: DistEnv, device: torch.device, record: RunRecord) -> Optional[dict]:
     tr, out = cfg.training, cfg.output_dir
     precision = resolve_precision(tr.precision, device)
-    if env.is_main:
-        os.makedirs(out, exist_ok=True)
-        atomic_write_bytes(os.path.join(out, "resolved_config.yaml"), config_to_yaml(cfg).encode())
+    resume_dir = _claim_output_dir(cfg, env)
+    record.active = True
+    record.info = {"output_dir": out, "strategy": cfg.distributed.strategy, "world_size": env.world_size,
+                   "precision": precision, "resumed_from": resume_dir}
     _log(env, f"output_dir {out}; {env.world_size} process(es), strategy {cfg.distributed.strategy}, "
               f"device {device.type}, precision {precision}, {torch.get_num_threads()} thread(s) per process")
 
@@ -154,15 +200,13 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
     objective = Objective.for_model(cfg.task.type, base, label_token_ids(cfg.task, tokenizer))
     train, evaluation, data_files = _load_data(cfg, encoder, env)
     plan = BatchPlan(len(train), tr.micro_batch_size, tr.gradient_accumulation_steps, env.world_size, tr.seed)
-    plan.check()
+    try:
+        plan.check()
+    except ValueError as e:
+        raise DataError(str(e)) from None
     _log(env, f"data: {len(train)} training examples, {len(evaluation) if evaluation is not None else 0} held out; "
               f"global batch {plan.global_batch}, {plan.steps_per_epoch} steps per epoch")
 
-    resume_dir = ckpt.find_resume_dir(out, tr.resume)
-    if resume_dir is None and env.is_main:
-        stale = ckpt.clear_checkpoints(out)
-        if stale:
-            _log(env, f"starting over (training.resume={tr.resume!r}): removed {len(stale)} earlier checkpoint(s)")
     calibration = None
     if resume_dir is None and cfg.shira.mask_type in ("gradient", "snip"):
         base.to(device)
@@ -182,30 +226,35 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
         params, lr=tr.learning_rate, betas=tuple(tr.adam_betas), eps=tr.adam_eps, weight_decay=tr.weight_decay))
     scheduler = make_scheduler(strategy.optimizer, tr.lr_schedule, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio)
 
-    state = _restore(resume_dir, strategy, scheduler, plan, env) if resume_dir else _fresh_start(tr.seed, env)
+    this_run = {"strategy": cfg.distributed.strategy, "world_size": env.world_size, "precision": precision,
+                "global_batch": plan.global_batch}
+    state = _restore(resume_dir, strategy, scheduler, plan, env, this_run) if resume_dir \
+        else _fresh_start(tr.seed, env)
+    state.segments.append({**this_run, "start_step": state.step, "end_step": state.step})
     tracker = make_tracker(cfg.tracking, out, dataclasses.asdict(cfg), env.is_main)
     tracker.summary(tracker_summary(adapter))
-    info = {"output_dir": out, "final_adapter": os.path.join(out, "final"), "max_steps": tr.max_steps,
-            "global_batch": plan.global_batch, "world_size": env.world_size,
-            "strategy": cfg.distributed.strategy, "precision": precision,
-            "base_built_partitioned": strategy.builds_partitioned}
+    record.state, record.adapter = state, adapter
+    record.info = {"output_dir": out, "final_adapter": os.path.join(out, "final"), "max_steps": tr.max_steps,
+                   **this_run, "base_built_partitioned": strategy.builds_partitioned,
+                   "resumed_from": resume_dir, "start_step": state.step}
     shira_config = shira.peft_config["default"]
 
     def save_checkpoint(loop_state: LoopState) -> str:
-        tensors = strategy.adapter_state_dict("default")
+        tensors = strategy.adapter_state_dict("default")  # collectives: every rank takes part
         optimizer = strategy.optimizer_state_dict()
         rng = ckpt.gather_rng_states()
-        path = os.path.join(ckpt.checkpoints_root(out), f"step-{loop_state.step}")
-        if env.is_main:
-            state_doc = {"step": loop_state.step, "global_batch": plan.global_batch, "world_size": env.world_size,
-                         "optimizer": optimizer, "scheduler": scheduler.state_dict(), "rng": rng,
-                         "loop": loop_state.to_dict()}
+        loop_state.segments[-1]["end_step"] = loop_state.step
+
+        def write() -> str:
+            ckpt.check_finite(tensors, f"checkpoint step-{loop_state.step}")
+            state_doc = {"step": loop_state.step, **this_run, "optimizer": optimizer,
+                         "scheduler": scheduler.state_dict(), "rng": rng, "loop": loop_state.to_dict()}
             path = ckpt.save_checkpoint(out, loop_state.step, tensors, shira_config, state_doc, tr.keep_checkpoints)
-            document = metrics_document(loop_state, "running", None, adapter,
-                                        {**info, "wall_seconds": time.perf_counter() - started})
-            write_metrics(os.path.join(out, "metrics.json"), document)
-        strategy.barrier()
-        return path
+            record.write("running")
+            return path
+
+        path = rank0_writes(strategy, env.is_main, write, f"save checkpoint step-{loop_state.step}")
+        return path or os.path.join(ckpt.checkpoints_root(out), f"step-{loop_state.step}")
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
         else contextlib.nullcontext
@@ -218,6 +267,7 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
             tracker.log({f"eval/{k}": v for k, v in state.eval_before.items()}, step=0)
             _log(env, "before training: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in state.eval_before.items()))
+    record.write("running")
 
     progress = Progress(tr.max_steps, state.step, tr.progress_bar, env.is_main)
     try:
@@ -229,17 +279,19 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
         if env.is_main:
             _log(env, f"stopped at step {state.step} of {tr.max_steps} (training.stop_after_step); run the same "
                       f"command again to resume from {ckpt.list_checkpoints(out)[-1]}")
-            document = metrics_document(state, "stopped", None, adapter,
-                                        {**info, "wall_seconds": time.perf_counter() - started})
-            write_metrics(os.path.join(out, "metrics.json"), document)
+            document = record.write("stopped")
             tracker.finish()
             return document
         return None
 
-    final_dir = os.path.join(out, "final")
     tensors = strategy.adapter_state_dict("default")
-    if env.is_main:
-        ckpt.save_adapter(final_dir, tensors, shira_config)
+
+    def write_final() -> str:
+        ckpt.check_finite(tensors, "the final adapter")
+        return ckpt.save_final_adapter(out, tensors, shira_config)
+
+    final_dir = rank0_writes(strategy, env.is_main, write_final, "write the final adapter") \
+        or os.path.join(out, "final")
     eval_after = run_eval(ctx)
     if eval_after is not None:
         tracker.log({f"eval/{k}": v for k, v in eval_after.items()}, step=state.step)
@@ -249,10 +301,7 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device) -> Optional[dict]:
     strategy.barrier()
     if not env.is_main:
         return None
-    document = metrics_document(state, "completed", eval_after, adapter,
-                                {**info, "replicas_in_sync": in_sync,
-                                 "wall_seconds": time.perf_counter() - started})
-    write_metrics(os.path.join(out, "metrics.json"), document)
+    document = record.write("completed", eval_after, replicas_in_sync=in_sync)
     tracker.summary({f"final/eval_{k}": v for k, v in (eval_after or {}).items()}
                     | {f"final/eval_before_{k}": v for k, v in (state.eval_before or {}).items()})
     tracker.finish()

@@ -86,6 +86,11 @@ class TrainingConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     max_grad_norm: Optional[float] = 1.0  # None: no clipping
+    # A step whose loss or gradient norm (both reduced over ranks, so every rank decides alike) is
+    # not finite takes no optimizer update. 0: the run stops there (status failed, exit 1); N: up to
+    # N such steps in a row are skipped (their batch and LR-schedule slot are used up), the N+1st
+    # stops the run. DeepSpeed clips and steps inside its engine, so it always stops at the first.
+    max_nonfinite_steps: int = 0
     precision: Precision = "auto"  # auto: bf16 autocast where fast (CUDA, CPU with AMX), else fp32
     eval_every: int = 0  # steps between evaluations (0: only before and after training)
     eval_before_training: bool = True  # score the untrained model first
@@ -93,7 +98,11 @@ class TrainingConfig:
     log_every: int = 10  # steps between log lines and tracker points
     save_every: int = 0  # steps between checkpoints (0: only the final one)
     keep_checkpoints: Optional[int] = None  # keep the newest N step-* checkpoints (None: all)
-    resume: str = "auto"  # auto: from the latest checkpoint in output_dir if any; never; or a checkpoint path
+    # auto: from the newest checkpoint in output_dir that loads completely (broken ones are skipped, named);
+    # a completed run there (metrics.json "completed" + final/) is an error, not a new run.
+    # never: start over (earlier checkpoints, final/ and metrics.json are removed).
+    # A checkpoint path (checkpoints/step-<N>): continue from it, e.g. a completed run with a higher max_steps.
+    resume: str = "auto"
     stop_after_step: Optional[int] = None  # end this process at that step with a checkpoint (time-sliced jobs);
     # the schedule still spans max_steps, and a later run resumes from there
     progress_bar: bool = True  # tqdm on rank 0
@@ -112,7 +121,11 @@ class FsdpOptions:
 class DistributedConfig:
     strategy: Strategy = "single"
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
-    timeout_minutes: int = 30  # collective timeout
+    # How long a rank waits in a collective for its peers before the job fails: at start-up
+    # (rendezvous, local rank 0 filling the data cache), at every step, around checkpoints. A hung
+    # or dead peer costs this long. Raise it when local rank 0's first tokenization of a large data
+    # set, or rank 0 writing a checkpoint, can take longer.
+    timeout_minutes: int = 5
     zero_stage: Optional[Literal[0, 1, 2, 3]] = None  # deepspeed: overrides the JSON's zero_optimization.stage
     deepspeed_config: Optional[str] = None  # deepspeed: a JSON config, e.g. configs/deepspeed/zero3.json
     # deepspeed ZeRO-3: build the base model already partitioned (deepspeed.zero.Init through

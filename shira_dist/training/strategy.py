@@ -5,6 +5,8 @@
     strategy.setup(shira_model, make_optimizer)     wrap the model, build the optimizer
     with strategy.no_sync(): ...                    accumulation micro-batches (no gradient sync)
     strategy.backward(loss); strategy.clip_and_step(max_norm); strategy.zero_grad()
+    norm = strategy.clip_grad_norm(max_norm); strategy.optimizer_step()   the same, split: the loop
+                                                    looks at the norm before the update (non-finite guard)
     strategy.adapter_state_dict()                   full adapter tensors on rank 0 (None elsewhere)
     strategy.optimizer_state_dict() / load_optimizer_state_dict(state)
     strategy.all_reduce_sum(t); strategy.barrier(); strategy.replicas_in_sync()
@@ -14,6 +16,10 @@ modules_to_save copies are trainable). Sharded strategies (fsdp, deepspeed) plug
 ``register_strategy(name, factory)``: importing ``shira_dist.distributed`` registers them
 (``factory(env, device, run_config) -> TrainingStrategy``); if that import fails, asking
 for one fails before any process group starts.
+
+A strategy that drives an engine clipping and stepping in one call exposes it as
+``strategy.engine`` (DeepSpeed): the loop then cannot look at the gradient norm before the
+update, nor drop accumulated gradients (see :func:`steps_inside_engine`).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class TrainingStrategy(Protocol):
     def no_sync(self) -> ContextManager: ...
     def backward(self, loss: Tensor) -> None: ...
     def clip_and_step(self, max_norm: Optional[float]) -> float: ...
+    def clip_grad_norm(self, max_norm: Optional[float]) -> float: ...  # global norm, every rank alike
+    def optimizer_step(self) -> None: ...
     def zero_grad(self) -> None: ...
     def adapter_state_dict(self, adapter_name: str) -> Optional[dict[str, Tensor]]: ...
     def optimizer_state_dict(self) -> Optional[dict]: ...
@@ -95,11 +103,21 @@ class SingleStrategy:
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 
-    def clip_and_step(self, max_norm: Optional[float]) -> float:
+    def clip_grad_norm(self, max_norm: Optional[float]) -> float:
+        """Clip to ``max_norm``; returns the global gradient norm before clipping, the same on every rank
+        (DDP: computed from the all-reduced gradients; FSDP2: the DTensor norm, all-reduced here)."""
         limit = float("inf") if max_norm is None else max_norm
         norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        full_tensor = getattr(norm, "full_tensor", None)  # a DTensor when the parameters are sharded
+        return float(full_tensor() if full_tensor is not None else norm)
+
+    def optimizer_step(self) -> None:
         self.optimizer.step()
-        return float(norm)
+
+    def clip_and_step(self, max_norm: Optional[float]) -> float:
+        norm = self.clip_grad_norm(max_norm)
+        self.optimizer_step()
+        return norm
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,6 +211,20 @@ class DdpStrategy(SingleStrategy):
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def steps_inside_engine(strategy: TrainingStrategy) -> bool:
+    """True when an engine clips and steps in one call (``strategy.engine``, DeepSpeed): the gradient
+    norm is known only after the update, and gradients it accumulated cannot be dropped."""
+    return getattr(strategy, "engine", None) is not None
+
+
+def engine_step(strategy: TrainingStrategy, max_norm: Optional[float]) -> tuple[float, bool]:
+    """``clip_and_step`` through the engine: (gradient norm, whether the engine measured one; ZeRO-0
+    and ``compute_grad_norm: false`` do not, and the norm then reads nan)."""
+    norm = strategy.clip_and_step(max_norm)
+    measure = getattr(strategy.engine, "get_global_grad_norm", None)
+    return norm, measure is not None and measure() is not None
+
+
 _REGISTRY: dict[str, StrategyFactory] = {"single": SingleStrategy, "ddp": DdpStrategy}
 _PLUGIN_MODULE = "shira_dist.distributed"  # registers fsdp / deepspeed when it exists
 
@@ -202,11 +234,15 @@ def register_strategy(name: str, factory: StrategyFactory) -> None:
     _REGISTRY[name] = factory
 
 
+_plugin_error: Optional[str] = None
+
+
 def _load_plugins() -> None:
+    global _plugin_error
     try:
         importlib.import_module(_PLUGIN_MODULE)
-    except ImportError:
-        pass
+    except ImportError as e:
+        _plugin_error = f"{type(e).__name__}: {e}"
 
 
 def available_strategies() -> list[str]:
@@ -220,8 +256,10 @@ def check_strategy(name: str, env: DistEnv) -> None:
     if name not in _REGISTRY:
         _load_plugins()
     if name not in _REGISTRY:
+        why = f"importing {_PLUGIN_MODULE} failed: {_plugin_error}" if _plugin_error \
+            else f"importing {_PLUGIN_MODULE} did not register it"
         raise ValueError(f"distributed.strategy={name!r} is not available in this installation "
-                         f"(importing {_PLUGIN_MODULE} did not register it); supported strategies: {available_strategies()}")
+                         f"({why}); supported strategies: {available_strategies()}")
     if name == "single" and env.world_size > 1:
         raise ValueError(f"distributed.strategy='single' but the launcher started {env.world_size} processes "
                          f"({env.source}); use distributed.strategy=ddp (or fsdp/deepspeed)")
