@@ -174,11 +174,35 @@ class ShiraLinear(nn.Module):
         return torch.sparse_coo_tensor(idx, vals, (self.out_features, self.in_features)).coalesce()
 
     # ---- forward ----------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adapter_names: Optional[list[str]] = None) -> Tensor:
+        """x: (B, ..., in) -> (B, ..., out). ``adapter_names`` (B,): each row's adapter instead
+        of the active ones ("__base__": none); ShiraModel passes it for ``adapter_names=``."""
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names)
         active = [] if self._disable_adapters else [
             n for n in self._active_adapters if n in self.shira_weight and n not in self.merged_adapters]
         with used_by(self, [self.shira_weight[n] for n in active]):  # ZeRO-3: gathered with this layer
             return self._forward(x, [self._adapter(n) for n in active])
+
+    def _mixed_batch_forward(self, x: Tensor, adapter_names: list[str]) -> Tensor:
+        """One batch, each row with its own adapter: the base forward once, then each adapter's
+        sparse product on its rows only."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"{self.layer_name}: adapter_names has {len(adapter_names)} entries for a batch of "
+                             f"{x.shape[0]} rows; give one name per row")
+        if self.merged:
+            raise ValueError(f"{self.layer_name}: cannot run adapter_names with merged adapters "
+                             f"{self.merged_adapters}; unmerge first")
+        self.unfuse()
+        y = self.base_layer(x)
+        names = [n for n in dict.fromkeys(adapter_names) if n in self.shira_weight]
+        with used_by(self, [self.shira_weight[n] for n in names]):
+            for name in names:
+                rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+                _, layout, values, scale = self._adapter(name)
+                delta = sparse_delta_matmul(x.index_select(0, rows), values, layout, scale).to(y.dtype)
+                y = y.index_add(0, rows, delta)
+        return y
 
     def _forward(self, x: Tensor, adapters: list[Adapter]) -> Tensor:
         if adapters and torch.is_grad_enabled() and self._fuses():

@@ -37,8 +37,9 @@ def _forward_with_signature_of(model: nn.Module, owner: nn.Module) -> types.Meth
     """A bound ``forward`` for ``owner`` that calls ``owner.model`` and shows ``model.forward``'s
     signature (Trainer drops dataset columns by it). A bound method deep-copies correctly."""
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        with self._adapter_names(adapter_names):
+            return self.model(*args, **kwargs)
 
     sig = inspect.signature(model.forward)
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
@@ -82,11 +83,48 @@ class ShiraModel(nn.Module):
         """PEFT compatibility: ``peft_model.base_model.model`` is the wrapped model."""
         return self
 
-    def forward(self, *args, **kwargs):  # replaced per instance in _setup (same call, model's signature)
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        """The wrapped model's forward (replaced per instance in _setup: same call, the model's
+        signature). ``adapter_names``: one adapter name per batch row ("__base__": no adapter),
+        all rows in one batch (inference only)."""
+        with self._adapter_names(adapter_names):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        """The wrapped model's ``generate``; ``adapter_names`` as in :meth:`forward` (repeated per
+        beam under beam search)."""
+        if adapter_names is not None and isinstance(kwargs.get("num_beams"), int) and kwargs["num_beams"] > 1:
+            adapter_names = [n for n in adapter_names for _ in range(kwargs["num_beams"])]
+        with self._adapter_names(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def _adapter_names(self, adapter_names: Optional[list[str]]) -> Iterator[None]:
+        """Hand ``adapter_names`` to every SHiRA layer and modules_to_save wrapper for one call."""
+        if adapter_names is None:
+            yield
+            return
+        if self.model.training:
+            raise ValueError("adapter_names= is for inference: call model.eval() first (training runs the active "
+                             "adapters)")
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapter(s) {unknown}; adapters: {list(self.peft_config)}, "
+                             "or '__base__' for the base model")
+        names = list(adapter_names)
+
+        def inject(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": names}
+
+        handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in self.model.modules()
+                   if isinstance(m, (ShiraLinear, ModulesToSave))]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def get_base_model(self) -> nn.Module:
         return self.model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .partitioned import plain_copy
@@ -46,8 +47,25 @@ class ModulesToSave(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
-    def forward(self, *args, **kwargs):
-        return self.current(*args, **kwargs)
+    def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        if adapter_names is None:
+            return self.current(*args, **kwargs)
+        return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
+
+    def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
+        """Each row of ``x`` (B, ...) through its adapter's copy ("__base__" or an adapter without
+        a copy: the original module), reassembled in row order."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows")
+        out = None
+        for name in dict.fromkeys(adapter_names):
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            part = module(x.index_select(0, rows), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, rows, part)
+        return out
 
     def __getattr__(self, name: str):
         try:

@@ -28,6 +28,14 @@ def test_basic_configuration_forward():
     input_ids = torch.randint(0, 1000, (2, 10))
     outputs = model(input_ids)
     assert outputs.logits.shape == (2, 10, 1000)
+    with torch.no_grad():  # zero-initialised values: exactly the base model
+        assert torch.equal(outputs.logits, tiny_opt()(input_ids).logits)
+        # with values, the same as the base model whose weights hold the deltas densely (fp32: 1e-5)
+        dense = tiny_opt()
+        for name, layer in model.shira_layers():
+            layer.shira_weight["default"].normal_(0, 0.05)
+            dense.get_submodule(name).weight.add_(layer.get_delta_weight("default").to_dense())
+        torch.testing.assert_close(model(input_ids).logits, dense(input_ids).logits, atol=1e-5, rtol=0)
 
 
 def test_merge_unmerge_scale_inspect_and_disable():
@@ -107,9 +115,17 @@ def test_regex_targets_with_modules_to_save_and_generate():
     model = get_peft_model(base_model, config)
     model.eval()
     with torch.no_grad():
+        head = model.base_model.model.lm_head.modules_to_save["default"]
+        head.weight.add_(torch.randn_like(head.weight))  # the copy trains; the original stays
+        for _, layer in model.shira_layers():
+            layer.shira_weight["default"].normal_(0, 0.1)
         input_ids = torch.randint(0, 1000, (1, 5))
         outputs = model.generate(input_ids, max_length=12, do_sample=False)
-    assert outputs.shape == (1, 12)
+        assert outputs.shape == (1, 12)
+        # greedy tokens equal those of the plain model with everything merged in
+        merged = model.merge_and_unload().generate(input_ids, max_length=12, do_sample=False)
+        assert torch.equal(outputs, merged)
+        assert not torch.equal(outputs, tiny_opt().generate(input_ids, max_length=12, do_sample=False))
 
 
 def test_training_with_trainer(tmp_path):
