@@ -5,6 +5,7 @@ from .config import ShiraConfig
 from .layer import ShiraLayer, ShiraLinear
 from .masks import MASK_FUNCTIONS, random_mask
 from .model import PeftModel, ShiraModel, get_peft_model
+from .overlap import adapter_overlap
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "random_mask",
     "MASK_FUNCTIONS",
     "calibrate_masks",
+    "adapter_overlap",
 ]

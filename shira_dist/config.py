@@ -30,6 +30,9 @@ class ShiraConfig:
     fan_in_fan_out: bool = False  # weights stored (in, out); only nn.Linear (False) is supported
     init_weights: bool = True  # True: values start at zero (adapter = identity); False: randn (tests)
     modules_to_save: Optional[list[str]] = None  # extra modules trained in full and saved per adapter
+    # Adapters (of the same model) whose entries this adapter's mask avoids: SHiRA's
+    # non-overlapping masks, which fuse with less interference. Every mask type honours it.
+    disjoint_from: Optional[list[str]] = None
     # PeftConfig fields kept for checkpoint compatibility.
     peft_type: str = PEFT_TYPE
     task_type: Optional[str] = None
@@ -62,6 +65,7 @@ class ShiraConfig:
                  "target_modules": (lambda v: v is None or isinstance(v, str) or names(v),
                                     "a list of module names, a regex string or null"),
                  "modules_to_save": (lambda v: v is None or names(v), "a list of module names or null"),
+                 "disjoint_from": (lambda v: v is None or names(v), "a list of adapter names or null"),
                  "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
                  "init_weights": (lambda v: isinstance(v, bool), "true or false"),
                  "inference_mode": (lambda v: isinstance(v, bool), "true or false"),

@@ -27,10 +27,17 @@ from .patterns import make_pattern
 from .targeting import find_modules_to_save, find_targets, get_submodule_parent
 
 
-def _call_mask_fn(mask_fn, base_layer: nn.Module, r: int, random_seed: Optional[int]) -> Tensor:
+def _call_mask_fn(mask_fn, base_layer: nn.Module, r: int, random_seed: Optional[int],
+                  exclude: Optional[Tensor] = None) -> Tensor:
     params = inspect.signature(mask_fn).parameters
-    takes_seed = "random_seed" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return mask_fn(base_layer, r, random_seed=random_seed) if takes_seed else mask_fn(base_layer, r)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {"random_seed": random_seed} if "random_seed" in params or takes_any else {}
+    if exclude is not None:
+        if not ("exclude" in params or takes_any):
+            raise TypeError(f"config.disjoint_from needs a mask_fn that takes exclude= (flat positions to avoid); "
+                            f"{getattr(mask_fn, '__name__', mask_fn)!r} does not")
+        kwargs["exclude"] = exclude
+    return mask_fn(base_layer, r, **kwargs)
 
 
 def _forward_with_signature_of(model: nn.Module, owner: nn.Module) -> types.MethodType:
@@ -56,7 +63,8 @@ class ShiraModel(nn.Module):
                  calibration_data: Optional[Iterable[dict]] = None, loss_fn: Optional[LossFn] = None) -> None:
         super().__init__()
         self._setup(model)
-        self._inject(adapter_name, config, indices=self._calibrate(config, calibration_data, loss_fn))
+        exclude = self._exclusions(config) if isinstance(config, ShiraConfig) else None  # errors: no adapters yet
+        self._inject(adapter_name, config, indices=self._calibrate(config, calibration_data, loss_fn, exclude))
         self._active_adapters = [adapter_name]
         self._apply_active()
 
@@ -140,8 +148,20 @@ class ShiraModel(nn.Module):
             if isinstance(module, ModulesToSave):
                 yield name, module
 
+    def _exclusions(self, config: ShiraConfig) -> Optional[dict[str, Tensor]]:
+        """Per module path, the flat positions of the ``config.disjoint_from`` adapters' entries."""
+        if not config.disjoint_from:
+            return None
+        self._check_adapters(config.disjoint_from)
+        out = {}
+        for name, layer in self.shira_layers():
+            held = [layer.shira_indices[a].long() for a in config.disjoint_from if a in layer.shira_weight]
+            if held:
+                out[name] = torch.cat([i[0] * layer.in_features + i[1] for i in held])
+        return out
+
     def _calibrate(self, config: ShiraConfig, calibration_data: Optional[Iterable[dict]],
-                   loss_fn: Optional[LossFn]) -> Optional[dict[str, Tensor]]:
+                   loss_fn: Optional[LossFn], exclude: Optional[dict[str, Tensor]]) -> Optional[dict[str, Tensor]]:
         """Indices of data-driven masks (gradient, SNIP) from calibration batches, else None."""
         data_driven = config.mask_type in CALIBRATED_MASKS and config.mask_fn is MASK_FUNCTIONS[config.mask_type]
         if calibration_data is None:
@@ -152,18 +172,20 @@ class ShiraModel(nn.Module):
         if not data_driven:
             raise ValueError(f"calibration_data was given but mask_type={config.mask_type!r} does not use it "
                              f"(data-driven mask types: {sorted(CALIBRATED_MASKS)})")
-        return calibrate_masks(self.model, config, calibration_data, loss_fn=loss_fn)
+        return calibrate_masks(self.model, config, calibration_data, loss_fn=loss_fn, exclude=exclude)
 
-    def _inject(self, adapter_name: str, config: ShiraConfig, indices: Optional[dict[str, Tensor]] = None) -> None:
+    def _inject(self, adapter_name: str, config: ShiraConfig, indices: Optional[dict[str, Tensor]] = None,
+                exclude: Optional[dict[str, Tensor]] = None) -> None:
         """Add adapter ``adapter_name`` to every target; all checks run before anything changes."""
-        self._apply_plan(self._plan(adapter_name, config, indices))
+        self._apply_plan(self._plan(adapter_name, config, indices, exclude))
 
-    def _plan(self, adapter_name: str, config: ShiraConfig,
-              indices: Optional[dict[str, Tensor]] = None) -> "_AdapterPlan":
+    def _plan(self, adapter_name: str, config: ShiraConfig, indices: Optional[dict[str, Tensor]] = None,
+              exclude: Optional[dict[str, Tensor]] = None) -> "_AdapterPlan":
         """Everything adding the adapter needs, checked, without changing the model.
 
         ``indices`` (module path -> (2, nnz) int) gives every target's pattern (loaded or
-        calibrated); without it ``config.mask_fn`` draws one per target.
+        calibrated); without it ``config.mask_fn`` draws one per target, avoiding the flat
+        positions ``exclude[path]`` (``config.disjoint_from``).
         """
         if not isinstance(config, ShiraConfig):
             raise TypeError(f"config must be a shira_dist.ShiraConfig, got {type(config).__name__}")
@@ -196,11 +218,19 @@ class ShiraModel(nn.Module):
                 source["indices"] = indices[name]
             else:
                 seed = None if config.random_seed is None else layer_seed(config.random_seed, name)
+                avoid = (exclude or {}).get(name)
                 if config.mask_fn is random_mask:  # the built-in: its pattern made directly in CSR form
-                    source["csr"] = random_csr(shape, config.r, seed, mask_device(base.weight))
+                    source["csr"] = random_csr(shape, config.r, seed, mask_device(base.weight), exclude=avoid)
                 else:
-                    source["mask"] = _call_mask_fn(config.mask_fn, base, config.r, seed)
-            layers.append((name, module, make_pattern(shape, nnz, f"{name} {shape} adapter {adapter_name!r}", **source)))
+                    source["mask"] = _call_mask_fn(config.mask_fn, base, config.r, seed, avoid)
+            pattern = make_pattern(shape, nnz, f"{name} {shape} adapter {adapter_name!r}", **source)
+            avoid = (exclude or {}).get(name)
+            if avoid is not None:
+                idx = pattern.indices().long()
+                if bool(torch.isin(idx[0] * shape[1] + idx[1], avoid.to(idx.device)).any()):
+                    raise ValueError(f"{name}: the mask shares entries with {config.disjoint_from} although "
+                                     "config.disjoint_from asks to avoid them (a mask_fn that ignores exclude=?)")
+            layers.append((name, module, pattern))
         saved = find_modules_to_save(self.model, config.modules_to_save)
         return _AdapterPlan(adapter_name, config, layers, saved)
 
@@ -283,7 +313,9 @@ class ShiraModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: ShiraConfig,
                     calibration_data: Optional[Iterable[dict]] = None, loss_fn: Optional[LossFn] = None) -> None:
         """Add a new adapter; it is not active (nor trainable) until ``set_adapter``."""
-        self._inject(adapter_name, peft_config, indices=self._calibrate(peft_config, calibration_data, loss_fn))
+        exclude = self._exclusions(peft_config) if isinstance(peft_config, ShiraConfig) else None
+        indices = self._calibrate(peft_config, calibration_data, loss_fn, exclude)
+        self._inject(adapter_name, peft_config, indices=indices, exclude=exclude)
         self._apply_active()
 
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
@@ -333,6 +365,90 @@ class ShiraModel(nn.Module):
                     layer.merge(adapter_names=merged[id(layer)])
             for m in saved:
                 m.disabled = False
+
+    def _hotswap(self, adapter_name: str, config: ShiraConfig, loaded, source: str) -> None:
+        _check_hotswap(self, adapter_name, config, loaded, source)
+        with torch.no_grad():
+            for path, layer in self.shira_layers():
+                if path in loaded.shira:
+                    values, indices = loaded.shira[path]
+                    layer.unfuse()
+                    layer.shira_indices.pattern(adapter_name).copy_(indices.to(layer.shira_indices.pattern(
+                        adapter_name).col.device), f"{path} adapter {adapter_name!r}")
+                    layer.shira_weight[adapter_name].copy_(values.to(layer.shira_weight[adapter_name].dtype))
+            for name, module in self._saved_modules():
+                if adapter_name in module.modules_to_save:
+                    module.modules_to_save[adapter_name].load_state_dict(loaded.saved[name], strict=True)
+        self.peft_config[adapter_name] = config
+        self._apply_active()
+
+    # ---- combining adapters --------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear", density: Optional[float] = None,
+                             majority_sign_method: str = "total", seed: int = 0) -> None:
+        """Add ``adapter_name``: the ``adapters`` combined with ``weights`` (PEFT's method, for
+        SHiRA's sparse deltas; see :mod:`shira_dist.combine` for each ``combination_type``).
+
+        Each layer's result lives on the union of the adapters' entries (minus those pruned by
+        every adapter). It is an ordinary adapter, not active until ``set_adapter``: saved,
+        loaded, merged and switched like any other. Every layer is given the same budget
+        r' = the smallest r that holds its entries, the rest filled with zero-valued entries at
+        the lowest free positions, so the result is a plain SHiRA adapter of rank budget r'
+        and PEFT loads it too. ``seed`` drives DARE's random drops.
+        """
+        from .combine import COMBINATIONS, SIGN_METHODS, combine, pad_positions, union_layout
+
+        names = self._check_adapters(adapters)
+        if len(weights) != len(names) or not names:
+            raise ValueError(f"weights has {len(weights)} entries for {len(names)} adapters; give one weight per adapter")
+        if combination_type not in COMBINATIONS:
+            raise ValueError(f"combination_type={combination_type!r} is invalid; allowed: {COMBINATIONS}")
+        pruned = combination_type != "linear"
+        if pruned and (density is None or not 0 < density <= 1):
+            raise ValueError(f"combination_type={combination_type!r} needs density in (0, 1], got {density!r}")
+        if majority_sign_method not in SIGN_METHODS:
+            raise ValueError(f"majority_sign_method={majority_sign_method!r} is invalid; allowed: {SIGN_METHODS}")
+        saving = [n for n in names if self.peft_config[n].modules_to_save]
+        if saving:
+            raise ValueError(f"adapter(s) {saving} train modules_to_save copies, which have no sparse delta to "
+                             "combine; combine adapters without modules_to_save")
+        ckpt.check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.peft_config)}")
+        generator = torch.Generator().manual_seed(seed)
+        combined: dict[str, tuple[Tensor, Tensor, tuple[int, int]]] = {}
+        for path, layer in self.shira_layers():
+            held = [n for n in names if n in layer.shira_weight]
+            if not held:
+                continue
+            shape = (layer.out_features, layer.in_features)
+            deltas = [(layer.shira_weight[n] * layer.scaling[n]).detach().cpu() for n in held]
+            union, d = union_layout([layer.shira_indices[n].cpu() for n in held], deltas, shape)
+            _, present = union_layout([layer.shira_indices[n].cpu() for n in held],
+                                      [torch.ones(len(v)) for v in deltas], shape)
+            w = torch.tensor([weights[names.index(n)] for n in held], dtype=torch.float32)
+            values = combine(d, present.bool(), w, combination_type, density, majority_sign_method, generator)
+            keep = values != 0 if pruned else torch.ones_like(values, dtype=torch.bool)
+            combined[path] = (union[keep], values[keep], shape)
+        r = max(1, max(-(-flat.numel() // sum(shape)) for flat, _, shape in combined.values()))
+        indices, values_of = {}, {}
+        for path, (flat, values, shape) in combined.items():
+            need = r * sum(shape)
+            pad = pad_positions(flat, shape[0] * shape[1], need - flat.numel())
+            order = torch.argsort(torch.cat([flat, pad]))
+            flat = torch.cat([flat, pad])[order]
+            indices[path] = torch.stack([flat // shape[1], flat % shape[1]]).to(torch.int32)
+            values_of[path] = torch.cat([values, torch.zeros(pad.numel())])[order]
+        first = self.peft_config[names[0]]
+        config = dataclasses.replace(first, r=r, target_modules=sorted(combined), modules_to_save=None,
+                                     disjoint_from=None, init_weights=True, mask_fn=first.mask_fn)
+        self._inject(adapter_name, config, indices=indices)
+        with torch.no_grad():
+            for path, layer in self.shira_layers():
+                if path in values_of:
+                    target = layer.shira_weight[adapter_name]
+                    target.copy_(values_of[path].to(target.dtype))
+        self._apply_active()
 
     # ---- merge / unload ----------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -414,12 +530,14 @@ class ShiraModel(nn.Module):
         return obj
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     allow_non_finite: bool = False) -> None:
+                     allow_non_finite: bool = False, hotswap: bool = False) -> None:
         """Load a saved adapter (PEFT's format) as ``adapter_name``; not activated.
 
         All-or-nothing: the config, every tensor (finite values unless ``allow_non_finite``,
         integral indices, shapes) and the modules_to_save state are checked against the model
-        before anything changes. Errors name the file.
+        before anything changes. Errors name the file. ``hotswap=True`` replaces the existing
+        adapter ``adapter_name`` in place (same layers and budget; its tensors keep their
+        identity where the stored form allows, so a compiled model need not be rebuilt).
         """
         ckpt.check_adapter_name(adapter_name)
         config = dataclasses.replace(ShiraConfig.from_pretrained(model_id), inference_mode=not is_trainable)
@@ -427,6 +545,9 @@ class ShiraModel(nn.Module):
         tensors = ckpt.read_adapter_tensors(model_id)
         saved_paths = [n for n, _ in find_modules_to_save(self.model, config.modules_to_save)]
         loaded = ckpt.split_adapter_tensors(tensors, saved_paths, source, allow_non_finite=allow_non_finite)
+        if hotswap:
+            self._hotswap(adapter_name, config, loaded, source)
+            return
         try:
             plan = self._plan(adapter_name, config, indices={path: idx for path, (_, idx) in loaded.shira.items()})
         except (TypeError, ValueError) as e:
@@ -444,6 +565,24 @@ class ShiraModel(nn.Module):
                 if name in loaded.saved:
                     module.modules_to_save[adapter_name].load_state_dict(loaded.saved[name], strict=True)
         self._apply_active()
+
+
+def _check_hotswap(model: "ShiraModel", adapter_name: str, config: ShiraConfig, loaded, source: str) -> None:
+    """The new adapter must sit exactly where the old one does, with the same budget."""
+    model._check_adapters([adapter_name])
+    held = {path: layer for path, layer in model.shira_layers() if adapter_name in layer.shira_weight}
+    if set(loaded.shira) != set(held):
+        raise ValueError(f"{source}: hotswap needs the same layers as adapter {adapter_name!r}; differs at "
+                         f"{sorted(set(loaded.shira) ^ set(held))[:3]}")
+    for path, layer in held.items():
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(f"{path}: adapter {adapter_name!r} is merged; unmerge it before hot-swapping")
+        if loaded.shira[path][0].numel() != layer.shira_weight[adapter_name].numel():
+            raise ValueError(f"{source}: {path} has {loaded.shira[path][0].numel()} entries, adapter "
+                             f"{adapter_name!r} {layer.shira_weight[adapter_name].numel()}; hotswap needs the same budget")
+    for name, module in model._saved_modules():
+        if adapter_name in module.modules_to_save:
+            _check_saved_state(module.original_module, loaded.saved.get(name, {}), f"{source}: modules_to_save {name!r}")
 
 
 class _AdapterPlan:

@@ -75,6 +75,22 @@ class SparsePattern(nn.Module):
             raise ValueError(f"shira_indices for {where}: {e}") from None
         self._store(crow, col, order, self.col.device)
 
+    @torch.no_grad()
+    def copy_(self, indices: Tensor, where: str = "pattern") -> None:
+        """Replace the pattern by ``indices`` (2, nnz) in place where the stored form allows (same
+        buffers, e.g. for a compiled model), else as :meth:`set_` does."""
+        validate_indices(indices, self.shape, where)
+        try:
+            crow, col, order = compress_indices(indices, self.shape)
+        except ValueError as e:
+            raise ValueError(f"shira_indices for {where}: {e}") from None
+        if order is not None or self.order is not None or col.numel() != self.nnz:
+            self._store(crow, col, order, self.col.device)
+            return
+        self.crow.copy_(crow)
+        self.columns().copy_(col)
+        self._layout = None  # derived data (dense blocks) follows the new entries
+
     def indices(self) -> Tensor:
         """(2, nnz) int indices in the stored order (a new tensor)."""
         return expand_indices(self.crow, self.columns(), self.order)

@@ -143,19 +143,21 @@ def calibration_scores(model: nn.Module, config: "ShiraConfig", batches: Iterabl
 
 
 def calibrate_masks(model: nn.Module, config: "ShiraConfig", batches: Iterable[Batch],
-                    loss_fn: Optional[LossFn] = None) -> dict[str, Tensor]:
+                    loss_fn: Optional[LossFn] = None,
+                    exclude: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
     """SHiRA-Grad / SHiRA-SNIP patterns: {module path: indices (2, r*(in+out)) int32, row-major}.
 
     Scores come from :func:`calibration_scores` (same arguments); each layer keeps its
-    r*(in+out) highest-scoring entries (ties: lowest row-major position). Indices are on the
-    weight's device, ready for ``ShiraLinear(..., indices=...)``.
+    r*(in+out) highest-scoring entries (ties: lowest row-major position), none of the flat
+    positions ``exclude[path]`` when given. Indices are on the weight's device, ready for
+    ``ShiraLinear(..., indices=...)``.
     """
     scores = calibration_scores(model, config, batches, loss_fn)
     mask_fn = CALIBRATED_MASKS[config.mask_type][1]
     indices = {}
     for name, base in _target_weights(model, config):
         shape = tuple(base.weight.shape)
-        mask = mask_fn(base, config.r, scores=scores.pop(name))
+        mask = mask_fn(base, config.r, scores=scores.pop(name), exclude=(exclude or {}).get(name))
         k = shira_budget(shape[0], shape[1], config.r, where=name)
         indices[name] = mask_to_indices(mask, shape, k, name).to(base.weight.device)
     return indices

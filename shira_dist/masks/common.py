@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,33 @@ def shira_budget(out_features: int, in_features: int, r: int, where: str = "laye
             f"{(in_features * out_features) // (in_features + out_features)}"
         )
     return k
+
+
+def sample_outside(taken: Tensor, total: int, m: int, generator: torch.Generator) -> Tensor:
+    """m distinct positions of [0, total) not in ``taken`` (sorted, distinct), uniformly, O(m + |taken|).
+
+    Draws m ranks among the total - |taken| free positions and maps rank s to the s-th free
+    position: s + #{taken t : t - (number of taken before t) <= s}.
+    """
+    if m == 0:
+        return taken.new_empty(0)
+    ranks = sample_distinct(total - taken.numel(), m, generator, taken.device)
+    free_before = taken - torch.arange(taken.numel(), device=taken.device)  # non-decreasing
+    return ranks + torch.searchsorted(free_before, ranks, right=True)
+
+
+def exclude_positions(exclude: Optional[Tensor], shape: tuple[int, int], r: int, device: torch.device,
+                      where: str = "layer") -> Optional[Tensor]:
+    """``exclude`` (flat positions of entries a new mask must avoid, any order) sorted and unique
+    on ``device``; errors if too few entries are left for the budget. None stays None."""
+    if exclude is None:
+        return None
+    exclude = torch.unique(exclude.to(device=device, dtype=torch.int64))
+    free, k = shape[0] * shape[1] - exclude.numel(), shira_budget(*shape, r, where=where)
+    if free < k:
+        raise ValueError(f"{where}: only {free} entries are free of the adapters to avoid; r*(in+out)={k} needed "
+                         "(use a smaller r or avoid fewer adapters)")
+    return exclude
 
 
 def layer_seed(random_seed: int, module_path: str) -> int:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
 from ..kernels.layout import index_dtype
-from .common import generator, layer_shape, mask_device, sample_distinct, shira_budget, sparse_mask, weight_of
+from .common import (exclude_positions, generator, layer_shape, mask_device, sample_distinct, sample_outside,
+                     shira_budget, sparse_mask, weight_of)
 
 
-def _random_flat(out_f: int, in_f: int, r: int, random_seed: int | None, device: torch.device) -> Tensor:
-    """The random mask's entries as sorted flat positions (nnz,) int64 (row-major order)."""
+def _random_flat(out_f: int, in_f: int, r: int, random_seed: int | None, device: torch.device,
+                 exclude: Optional[Tensor] = None) -> Tensor:
+    """The random mask's entries as sorted flat positions (nnz,) int64 (row-major order),
+    none of them in ``exclude`` (sorted flat positions) when given."""
     k = shira_budget(out_f, in_f, r)
-    return sample_distinct(out_f * in_f, k, generator(device, random_seed), device)
+    gen = generator(device, random_seed)
+    if exclude is None:
+        return sample_distinct(out_f * in_f, k, gen, device)
+    return sample_outside(exclude, out_f * in_f, k, gen).sort().values
 
 
-def random_csr(shape: tuple[int, int], r: int, random_seed: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
+def random_csr(shape: tuple[int, int], r: int, random_seed: int | None, device: torch.device,
+               exclude: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """:func:`random_mask`'s pattern (the same entries for the same seed and device) straight in
     CSR form: ``crow`` (out+1,) and ``col`` (nnz,), int32 (int64 past 2^31), row-major.
 
@@ -23,7 +32,7 @@ def random_csr(shape: tuple[int, int], r: int, random_seed: int | None, device: 
     indices and no re-validation of entries that are distinct and in range by construction.
     """
     out_f, in_f = shape
-    flat = _random_flat(out_f, in_f, r, random_seed, device)
+    flat = _random_flat(out_f, in_f, r, random_seed, device, exclude_positions(exclude, shape, r, device))
     dt = index_dtype(flat.numel(), shape)  # int32 unless past 2^31
     starts = torch.arange(out_f + 1, dtype=torch.int64, device=device) * in_f
     return torch.searchsorted(flat, starts).to(dt), flat.remainder_(in_f).to(dt)
@@ -35,8 +44,10 @@ def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, *
     Returns a coalesced sparse COO (out, in) tensor of ones on the weight's device (on
     the CPU for a meta-device weight, which has no storage to hold a pattern). Needs only the
     weight's shape, so a ZeRO-3 partitioned weight works as it is.
-    ``random_seed=None`` draws a fresh pattern every call; extra kwargs are ignored.
+    ``random_seed=None`` draws a fresh pattern every call; ``exclude=`` (flat positions) keeps
+    other adapters' entries out; other kwargs are ignored.
     """
     weight = weight_of(base_layer)
-    shape = layer_shape(base_layer)
-    return sparse_mask(_random_flat(*shape, r, random_seed, mask_device(weight)), shape, weight.dtype)
+    shape, device = layer_shape(base_layer), mask_device(weight)
+    exclude = exclude_positions(kwargs.get("exclude"), shape, r, device)
+    return sparse_mask(_random_flat(*shape, r, random_seed, device, exclude), shape, weight.dtype)

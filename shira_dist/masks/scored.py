@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..partitioned import full_shape, gathered
-from .common import layer_shape, mask_device, shira_budget, sparse_mask, weight_of
+from .common import exclude_positions, layer_shape, mask_device, shira_budget, sparse_mask, weight_of
 
 # ---- scores (pure) ------------------------------------------------------------------------
 
@@ -95,10 +95,11 @@ def _loaded_weight(base_layer: nn.Module, mask_type: str) -> Tensor:
 def weight_magnitude_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None, **kwargs) -> Tensor:
     """SHiRA-WM: the r*(in+out) entries of largest |W| (ties: lowest row-major position).
 
-    Deterministic: ``random_seed`` and extra kwargs are ignored. Needs loaded weights (not meta);
-    a ZeRO-3 partitioned weight is gathered for the ranking and freed (collective: every rank
-    must build the adapter, as it must anyway). Returns a coalesced sparse COO (out, in) tensor
-    of ones on the weight's device.
+    Deterministic: ``random_seed`` and extra kwargs are ignored; ``exclude=`` (flat positions)
+    keeps other adapters' entries out. Needs loaded weights (not meta); a ZeRO-3 partitioned
+    weight is gathered for the ranking and freed (collective: every rank must build the adapter,
+    as it must anyway). Returns a coalesced sparse COO (out, in) tensor of ones on the weight's
+    device.
     """
     weight = _loaded_weight(base_layer, "weight_magnitude")
     shape = full_shape(weight)
@@ -107,12 +108,23 @@ def weight_magnitude_mask(base_layer: nn.Module, r: int, random_seed: Optional[i
                         f"weight is a {type(weight).__name__} of shape {shape} (quantized or packed); compute the mask "
                         "on the float model, or use mask_type='random' or 'struct'")
     k = shira_budget(*shape, r)
+    exclude = exclude_positions(kwargs.get("exclude"), shape, r, mask_device(weight))
     with gathered([weight]):
-        flat = topk_positions(weight_magnitude_scores(weight), k)
+        flat = topk_positions(_without(weight_magnitude_scores(weight), exclude), k)
     return sparse_mask(flat, shape, weight.dtype)
 
 
-def _scored_mask(base_layer: nn.Module, r: int, scores: Optional[Tensor], mask_type: str) -> Tensor:
+def _without(scores: Tensor, exclude: Optional[Tensor]) -> Tensor:
+    """Non-negative scores (out, in) with the ``exclude`` entries ranked last (-1)."""
+    if exclude is None:
+        return scores
+    scores = scores.clone()
+    scores.view(-1)[exclude.to(scores.device)] = -1.0
+    return scores
+
+
+def _scored_mask(base_layer: nn.Module, r: int, scores: Optional[Tensor], mask_type: str,
+                 exclude: Optional[Tensor] = None) -> Tensor:
     weight = weight_of(base_layer)
     if scores is None:
         raise ValueError(
@@ -126,7 +138,8 @@ def _scored_mask(base_layer: nn.Module, r: int, scores: Optional[Tensor], mask_t
         raise ValueError(f"scores for mask_type={mask_type!r} must be a tensor of the weight's shape "
                          f"{shape} (out, in), got {got}")
     k = shira_budget(*shape, r)
-    flat = topk_positions(scores.float(), k).to(mask_device(weight))
+    exclude = exclude_positions(exclude, shape, r, scores.device)
+    flat = topk_positions(_without(scores.float(), exclude), k).to(mask_device(weight))
     return sparse_mask(flat, shape, weight.dtype)
 
 
@@ -135,10 +148,11 @@ def gradient_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = No
     """SHiRA-Grad: the r*(in+out) entries of largest accumulated |dL/dW|.
 
     scores: (out, in) Σ_batches |dL/dW| (:func:`gradient_scores` summed, as computed by
-    ``calibrate_masks``); required. Ties: lowest row-major position. ``random_seed`` and
-    extra kwargs are ignored. Returns a coalesced sparse COO (out, in) tensor of ones.
+    ``calibrate_masks``); required. Ties: lowest row-major position. ``exclude=`` (flat
+    positions) keeps other adapters' entries out; ``random_seed`` and other kwargs are ignored.
+    Returns a coalesced sparse COO (out, in) tensor of ones.
     """
-    return _scored_mask(base_layer, r, scores, "gradient")
+    return _scored_mask(base_layer, r, scores, "gradient", kwargs.get("exclude"))
 
 
 def snip_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None,
@@ -146,7 +160,8 @@ def snip_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None,
     """SHiRA-SNIP: the r*(in+out) entries of largest accumulated |W ⊙ dL/dW|.
 
     scores: (out, in) Σ_batches |W ⊙ dL/dW| (:func:`snip_scores` summed, as computed by
-    ``calibrate_masks``); required. Ties: lowest row-major position. ``random_seed`` and
-    extra kwargs are ignored. Returns a coalesced sparse COO (out, in) tensor of ones.
+    ``calibrate_masks``); required. Ties: lowest row-major position. ``exclude=`` (flat
+    positions) keeps other adapters' entries out; ``random_seed`` and other kwargs are ignored.
+    Returns a coalesced sparse COO (out, in) tensor of ones.
     """
-    return _scored_mask(base_layer, r, scores, "snip")
+    return _scored_mask(base_layer, r, scores, "snip", kwargs.get("exclude"))

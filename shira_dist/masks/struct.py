@@ -7,20 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .common import generator, layer_shape, mask_device, sample_distinct, shira_budget, sparse_mask, weight_of
-
-
-def _sample_outside(taken: Tensor, total: int, m: int, generator: torch.Generator) -> Tensor:
-    """m distinct positions of [0, total) not in ``taken`` (sorted, distinct), uniformly, O(m + |taken|).
-
-    Draws m ranks among the total - |taken| free positions and maps rank s to the s-th free
-    position: s + #{taken t : t - (number of taken before t) <= s}.
-    """
-    if m == 0:
-        return taken.new_empty(0)
-    ranks = sample_distinct(total - taken.numel(), m, generator, taken.device)
-    free_before = taken - torch.arange(taken.numel(), device=taken.device)  # non-decreasing
-    return ranks + torch.searchsorted(free_before, ranks, right=True)
+from .common import (exclude_positions, generator, layer_shape, mask_device, sample_distinct, sample_outside,
+                     shira_budget, sparse_mask, weight_of)
 
 
 def struct_shape(out_features: int, in_features: int, r: int) -> tuple[int, int]:
@@ -44,7 +32,7 @@ def struct_shape(out_features: int, in_features: int, r: int) -> tuple[int, int]
 
 
 def struct_positions(out_features: int, in_features: int, r: int, generator: torch.Generator,
-                     device: torch.device) -> Tensor:
+                     device: torch.device, exclude: Optional[Tensor] = None) -> Tensor:
     """SHiRA-Struct pattern as sorted row-major flat positions: (r*(in+out),) int64.
 
     Exact rule, all draws from ``generator`` in this order:
@@ -62,6 +50,8 @@ def struct_positions(out_features: int, in_features: int, r: int, generator: tor
     R·in + C·out − R·C + min(in, out) <= r·(in+out) entries (true at the start for every
     r >= 1 and kept by the growth rule), so chosen
     rows, columns and the diagonal are always complete. Memory is O(r*(in+out)).
+    ``exclude``: sorted flat positions that must not be chosen (another adapter's entries):
+    they are removed from 1-2 (which are then no longer whole) and never drawn in 3.
     """
     k = shira_budget(out_features, in_features, r)
     n_rows, n_cols = struct_shape(out_features, in_features, r)
@@ -76,7 +66,11 @@ def struct_positions(out_features: int, in_features: int, r: int, generator: tor
         diag * (in_features + 1),                               # diagonal: (min(out, in),)
     ]))  # sorted, distinct
     assert structured.numel() <= k, "R·in + C·out − R·C + min(in, out) <= r·(in+out)"
-    extra = _sample_outside(structured, out_features * in_features, k - structured.numel(), generator)
+    taken = structured
+    if exclude is not None:
+        structured = structured[~torch.isin(structured, exclude)]
+        taken = torch.unique(torch.cat([structured, exclude]))
+    extra = sample_outside(taken, out_features * in_features, k - structured.numel(), generator)
     return torch.cat([structured, extra]).sort().values
 
 
@@ -85,10 +79,11 @@ def struct_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = None
 
     Returns a coalesced sparse COO (out, in) tensor of ones with r*(in+out) entries on the
     weight's device (CPU for a meta weight). ``random_seed=None`` draws a fresh pattern;
-    extra kwargs are ignored.
+    ``exclude=`` (flat positions) keeps other adapters' entries out; other kwargs are ignored.
     """
     weight = weight_of(base_layer)
     out_f, in_f = layer_shape(base_layer)  # a ZeRO-3 partitioned or packed quantized weight works as it is
     device = mask_device(weight)
-    return sparse_mask(struct_positions(out_f, in_f, r, generator(device, random_seed), device), (out_f, in_f),
-                        weight.dtype)
+    exclude = exclude_positions(kwargs.get("exclude"), (out_f, in_f), r, device)
+    flat = struct_positions(out_f, in_f, r, generator(device, random_seed), device, exclude)
+    return sparse_mask(flat, (out_f, in_f), weight.dtype)
