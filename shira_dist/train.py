@@ -11,6 +11,7 @@ one line on stderr; a bug keeps its traceback. metrics.json records each outcome
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional
@@ -21,6 +22,44 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 EXIT_BAD_CONFIG = 2
 EXIT_FAILED = 1
+
+# What packages the job does not use print when transformers imports them anyway (it imports
+# torchao whenever it is installed, to offer its quantizers): torchao's kernels built for another
+# Python or GPU, and the Enum types torchao registers with torch's pytree. Only these messages are
+# dropped; every other warning of these loggers still shows.
+_KNOWN_IMPORT_NOISE = {
+    "torchao": ("Failed to load ",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_import_noise() -> None:
+    """Drop the known import-time messages of packages the job only imports (idempotent)."""
+    for name, fragments in _KNOWN_IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))
+
+
+def _unshadow_hf_kernels() -> None:
+    """``python -m shira_dist.train`` from the repository root puts the root first on sys.path, where
+    kernels/ (installed as shira_dist.kernels) would pass for Hugging Face's ``kernels`` package:
+    transformers and bitsandbytes import it, and the latter warns that its hub kernels failed to load.
+    Drop that one entry; shira_dist itself is already imported."""
+    ours = os.path.realpath(os.path.dirname(sys.modules["shira_dist.kernels"].__file__)) \
+        if "shira_dist.kernels" in sys.modules else None
+    sys.path[:] = [p for p in sys.path
+                   if ours is None or os.path.realpath(os.path.join(p or os.getcwd(), "kernels")) != ours]
 
 
 def build_parser(prog: str = "python -m shira_dist.train") -> argparse.ArgumentParser:
@@ -35,6 +74,7 @@ def build_parser(prog: str = "python -m shira_dist.train") -> argparse.ArgumentP
 
 def main(argv: Optional[list[str]] = None, prog: str = "python -m shira_dist.train") -> int:
     args = build_parser(prog).parse_args(argv)
+    quiet_import_noise()
     from .training.config import ConfigError, load_run_config
     from .training.dist_env import read_dist_env
     from .training.preflight import PreflightError, preflight
@@ -65,4 +105,5 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m shira_dist.tra
 
 
 if __name__ == "__main__":
+    _unshadow_hf_kernels()
     sys.exit(main())

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from shira_dist.train import main
-from shira_dist.training.builtin_models import builtin_model_dir, default_cache_dir
+from shira_dist.training.models import builtin_model_dir, default_cache_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

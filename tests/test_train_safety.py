@@ -94,17 +94,17 @@ def test_nonfinite_steps_are_skipped_up_to_the_limit(tmp_path, capsys):
 
 def test_a_skipped_step_takes_no_update_and_the_run_goes_on(tmp_path, monkeypatch, reference):
     """A non-finite gradient norm at step 3 only (its loss is finite): step 3 leaves the adapter as it was."""
-    from shira_dist.training import strategy
+    from shira_dist.training.strategies import SingleStrategy
 
     calls = {"n": 0}
-    real = strategy.SingleStrategy.clip_grad_norm
+    real = SingleStrategy.clip_grad_norm
 
     def third_is_inf(self, max_norm):
         calls["n"] += 1
         norm = real(self, max_norm)
         return math.inf if calls["n"] == 3 else norm
 
-    monkeypatch.setattr(strategy.SingleStrategy, "clip_grad_norm", third_is_inf)
+    monkeypatch.setattr(SingleStrategy, "clip_grad_norm", third_is_inf)
     out = tmp_path / "run"
     assert _main(out, "training.max_nonfinite_steps=1", "training.max_steps=4", "training.save_every=1",
                  "training.keep_checkpoints=null") == 0

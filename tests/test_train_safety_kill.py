@@ -156,8 +156,7 @@ def test_a_full_disk_is_one_line_and_recorded(tmp_path, capsys):
 def test_metrics_json_leaves_running_even_on_a_completely_full_disk(tmp_path):
     """No room for a temp file: the old document is truncated in place and a short one written."""
     from shira_dist.training.errors import RunFailed
-    from shira_dist.training.outcome import RunRecord
-    from shira_dist.training.report import write_metrics
+    from shira_dist.training.report import RunRecord, write_metrics
 
     out = tmp_path / "full"
     out.mkdir()

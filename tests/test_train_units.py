@@ -8,14 +8,13 @@ import json
 
 import pytest
 
-from shira_dist.training.batches import BatchPlan, collate
+from shira_dist.training.batches import IGNORE, BatchPlan, ExampleEncoder, collate, label_token_ids
 from shira_dist.training.data import check_data_files, infer_format, load_examples, tokenize
 from shira_dist.training.dist_env import read_dist_env
-from shira_dist.training.encoding import IGNORE, ExampleEncoder, label_token_ids
+from shira_dist.training.loop import LrFactor
+from shira_dist.training.models import ByteTokenizer
 from shira_dist.training.prepare import prepare_data
-from shira_dist.training.schedule import LrFactor
 from shira_dist.training.schema import DataConfig, TaskConfig
-from shira_dist.training.tokenizer import ByteTokenizer
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                 "SLURM_LOCALID")

@@ -10,8 +10,7 @@
     ... train on data_parallel_slice(...) of each global batch ...
     save_adapter(model_or_engine, out_dir)        # gathers the adapter only; rank 0 writes PEFT files
 
-The training job's ``distributed.strategy: fsdp | deepspeed`` are built from these
-(``strategies.py``, registered when this package is imported).
+The training job's strategies (``shira_dist.training.strategies``) are built from these.
 Every strategy saves the same files, so any run resumes under any other by loading the
 adapter before sharding: ``ShiraModel.from_pretrained(base, dir, is_trainable=True)``.
 Any engine applied directly (``DDP``, ``fully_shard``, ``deepspeed.initialize``, Accelerate)
@@ -25,7 +24,6 @@ from .common import data_parallel_slice, rank_and_world, unwrap_shira_model
 from .consistency import MaskMismatchError, broadcast_adapters, check_adapters_consistent, sync_adapters
 from .fsdp import decoder_layers, shard_fsdp1, shard_fsdp2
 from .zero import deepspeed_config, deepspeed_initialize, zero_stage_of
-from .strategies import DeepSpeedStrategy, FsdpStrategy  # registers the job's fsdp / deepspeed strategies
 
 __all__ = [
     "MaskMismatchError",
@@ -44,6 +42,4 @@ __all__ = [
     "unwrap_shira_model",
     "data_parallel_slice",
     "rank_and_world",
-    "FsdpStrategy",
-    "DeepSpeedStrategy",
 ]

@@ -19,11 +19,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ..masks import CALIBRATED_MASKS
+from .errors import ConfigError
 from .schema import RunConfig
 
-
-class ConfigError(ValueError):
-    """A run config that cannot run; the message names the key, the value and what is allowed."""
+__all__ = ["ConfigError", "load_run_config", "config_from_dict", "config_to_yaml"]
 
 
 # ---- raw YAML + overrides -------------------------------------------------------------------
@@ -234,7 +234,7 @@ def check_run_config(cfg: RunConfig) -> None:
     _require(not (dist.zero_init is True and cfg.model.inline_config is not None),
              "distributed.zero_init=true needs weights loaded from model.path or model.builtin: a random-init "
              "model.inline_config is built whole, so every engine and every resumed run draws the same weights")
-    _require(not (dist.zero_init is True and s.mask_type in ("gradient", "snip")),
+    _require(not (dist.zero_init is True and s.mask_type in CALIBRATED_MASKS),
              f"distributed.zero_init=true with shira.mask_type={s.mask_type!r} is invalid: data-driven masks score "
              "the whole model before it is sharded; use zero_init auto/false (the model is then built whole first)")
 

@@ -1,0 +1,100 @@
+"""What the strategies share, as small functions over plain arguments (no base class).
+
+    trainable_parameters(model)            the optimizer's parameters (an error if there are none)
+    parameter_names(shira, params)         their names in the ShiraModel, in order
+    clip_grad_norm(params, max_norm)       the global norm before clipping, the same on every rank
+    sum_over_ranks(tensor, device)         an all-reduce; returned on the CPU
+    adapters_in_sync(model)                rank 0's indices and values everywhere (blake2b digests)
+    ensure_process_group(device)           a one-rank group for engines started by one process
+    named_optimizer_state / load_named_optimizer_state
+                                           by-name optimizer state (optim_state.py), whole tensors:
+                                           DTensor shards (FSDP2) are gathered and re-sharded
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ...distributed import MaskMismatchError, check_adapters_consistent
+from ...model import ShiraModel
+from .. import optim_state
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer gets; an error if there are none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the adapter has no trainable parameters (is the adapter in inference mode?)")
+    return params
+
+
+def parameter_names(shira: ShiraModel, params: list[Tensor]) -> list[str]:
+    """The names of ``params`` in the ShiraModel, in order (the optimizer's index order)."""
+    name_of = {id(p): n for n, p in shira.named_parameters()}
+    return [name_of[id(p)] for p in params]
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: Optional[float]) -> float:
+    """Clip to ``max_norm`` (None: no clipping); returns the global gradient norm before clipping, the same
+    on every rank (DDP: from the all-reduced gradients; FSDP2: the DTensor norm, gathered here)."""
+    limit = float("inf") if max_norm is None else max_norm
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def sum_over_ranks(tensor: Tensor, device: torch.device) -> Tensor:
+    """Sum over ranks (on the collective's device); returned on the CPU."""
+    reduced = tensor.to(device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.cpu()
+
+
+def adapters_in_sync(model: nn.Module) -> bool:
+    """Indices and (gathered) values bit-identical on every rank (True without a process group)."""
+    try:
+        check_adapters_consistent(model, values=True)
+    except MaskMismatchError:
+        return False
+    return True
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A one-rank group when the launcher started a single process (engines need one)."""
+    if not dist.is_initialized():
+        for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads them from the environment
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], is_main: bool) -> Optional[dict]:
+    """The optimizer's state by parameter name on rank 0 (None elsewhere), with whole tensors.
+
+    Collective when moments are DTensor shards (FSDP2): every rank must call it."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in s.items()}
+                      for i, s in sorted(state["state"].items())}
+    return optim_state.to_named(state, names) if is_main else None
+
+
+def load_named_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, names: list[str]) -> None:
+    """Load a saved state (by name, or torch's own form); every rank keeps its own shard of a sharded moment."""
+    loaded = optim_state.from_named(state, names, optimizer.param_groups) if optim_state.is_named(state) else state
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, entry in loaded["state"].items():
+        p = params[index]
+        if not isinstance(p, DTensor):
+            continue
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.shape == p.shape:
+                entry[key] = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
+    optimizer.load_state_dict(loaded)
