@@ -58,7 +58,7 @@ configs=(floor peft_lora full_ft shira_dist_default shira_dist_unfused shira_dis
 if $py -c "import peft, sys; sys.exit(not hasattr(peft, 'ShiraConfig'))"; then
     configs=(floor peft_lora peft_shira full_ft shira_dist_default shira_dist_unfused shira_dist_struct)
 fi
-step triton_tests $py -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
+step triton_tests $py -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py
 # What the driver reports for the kernels a small bf16 and fp32 training run compiled on this GPU
 # (registers, spills, shared memory), beside the static report CI checks
 # (benchmarks/triton_compile_report.py: sm_80/sm_90 without a GPU).

@@ -1,8 +1,8 @@
 """Quick start: a SHiRA adapter on a small Llama, trained, saved in PEFT's format and reloaded.
 
 Runs in seconds on a CPU with nothing downloaded (the model is built from a config). The
-full fine-tuning job (SmolLM2 on Rotten Tomatoes, launcher, W&B) is `python -m shira_dist.train`
-once the training issue lands.
+full fine-tuning job (SmolLM2 on Rotten Tomatoes, launcher, W&B) is
+`python -m shira_dist.train --config configs/default.yaml`.
 """
 
 import tempfile

@@ -178,12 +178,15 @@ def _eval_before(ctx: LoopContext, state: LoopState) -> None:
 
 def _stopped(ctx: LoopContext, state: LoopState, record: RunRecord) -> Optional[dict]:
     env, out = ctx.env, ctx.cfg.output_dir
-    if not env.is_main:
-        return None
-    log(env, f"stopped at step {state.step} of {ctx.cfg.training.max_steps} (training.stop_after_step); run the "
-             f"same command again to resume from {list_checkpoints(out)[-1]}")
-    document = record.write("stopped")
-    ctx.tracker.finish()
+    document = None
+    if env.is_main:
+        log(env, f"stopped at step {state.step} of {ctx.cfg.training.max_steps} (training.stop_after_step); run "
+                 f"the same command again to resume from {list_checkpoints(out)[-1]}")
+        document = record.write("stopped")
+        ctx.tracker.finish()
+    # ranks leave together: one tearing its engine and process group down while another still
+    # works was seen to abort a DeepSpeed rank at exit
+    ctx.strategy.barrier()
     return document
 
 

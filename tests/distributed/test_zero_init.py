@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist import harness
+from tests.distributed.dist import harness
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "dist" / "zero_init_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "distributed" / "dist" / "zero_init_worker.py"
 MASK_TYPES = ("random", "struct", "weight_magnitude")
 
 

@@ -9,8 +9,8 @@ Everything (config, munge key and socket, state, spool, logs, the jobcomp file) 
 directory; every daemon runs in the foreground as our child and is stopped by its PID. Debian
 packages (slurm 22.05 on Debian 12) are installed with ``--no-install-recommends`` when missing.
 
-As a script:  ``python tests/slurm/cluster.py up DIR``  (prints ``export SLURM_CONF=…``, leaves the
-daemons running, PIDs in DIR/pids) and ``python tests/slurm/cluster.py down DIR``.
+As a script:  ``python tests/launch/slurm/cluster.py up DIR``  (prints ``export SLURM_CONF=…``, leaves the
+daemons running, PIDs in DIR/pids) and ``python tests/launch/slurm/cluster.py down DIR``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""One rank of ``tests/test_zero_init.py``: SHiRA adapters on a model built under ZeRO-3 zero.Init.
+"""One rank of ``tests/distributed/test_zero_init.py``: SHiRA adapters on a model built under ZeRO-3 zero.Init.
 
-    torchrun --nproc_per_node 2 tests/dist/zero_init_worker.py MODEL_DIR OUT_DIR
+    torchrun --nproc_per_node 2 tests/distributed/dist/zero_init_worker.py MODEL_DIR OUT_DIR
 
 Loads MODEL_DIR with transformers while a ZeRO-3 ``HfDeepSpeedConfig`` is alive (so the model is
 built under ``deepspeed.zero.Init``: every weight partitioned from the start), adds adapters with
@@ -16,10 +16,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from tests.dist.harness import TARGETS  # noqa: E402
+from tests.distributed.dist.harness import TARGETS  # noqa: E402
 
 MASK_TYPES = ("random", "struct", "weight_magnitude")
 

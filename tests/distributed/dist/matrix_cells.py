@@ -1,5 +1,5 @@
-"""The cells of the engine matrix (tests/test_engine_matrix.py), shared by the 2-rank worker
-(tests/dist/matrix_worker.py) and the single-process reference computed in the pytest process.
+"""The cells of the engine matrix (tests/distributed/test_engine_matrix.py), shared by the 2-rank worker
+(tests/distributed/dist/matrix_worker.py) and the single-process reference computed in the pytest process.
 
 A cell is (engine, update path). Every cell trains a fresh model -- harness.base_model() +
 ``get_peft_model(ShiraConfig(r=2, all 7 projections, random_seed=0))``, in the default
@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from tests.dist import harness
+from tests.distributed.dist import harness
 
 SGD_MOMENTUM_LR = 0.1
 MANUAL_LR = 0.5

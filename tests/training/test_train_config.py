@@ -12,7 +12,7 @@ import yaml
 
 from shira_dist.training.config import ConfigError, config_from_dict, config_to_yaml, load_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

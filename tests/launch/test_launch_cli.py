@@ -19,7 +19,7 @@ from shira_dist.launch.cli import main
 from shira_dist.launch.errors import LaunchError
 from shira_dist.launch.sbatch_script import default_template
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 VENV_BIN = Path(sys.executable).parent
 

@@ -1,7 +1,7 @@
 """One process of a 2-process test job, started by torchrun or by the deepspeed launcher.
 
-    torchrun --nproc_per_node 2 tests/dist/worker.py --out DIR --start-dir DIR --runs ddp:scratch,fsdp2:resume
-    deepspeed --num_gpus 2 tests/dist/worker.py --out DIR --start-dir DIR --runs zero3:resume,...
+    torchrun --nproc_per_node 2 tests/distributed/dist/worker.py --out DIR --start-dir DIR --runs ddp:scratch,fsdp2:resume
+    deepspeed --num_gpus 2 tests/distributed/dist/worker.py --out DIR --start-dir DIR --runs zero3:resume,...
 
 Each run (strategy:start) trains harness.STEPS steps on this rank's rows of every global
 batch, then saves the adapter with shira_dist.distributed.save_adapter to
@@ -43,7 +43,7 @@ from shira_dist.distributed import (  # noqa: E402
     unwrap_shira_model,
 )
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "deepspeed")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "configs", "deepspeed")
 ZERO_CONFIGS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json",
                 "zero2_offload": "zero2_offload.json"}
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from shira_dist.train import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 SHORT = ["training.progress_bar=false", "training.eval_before_training=false", "training.max_steps=8",
          "training.save_every=2", "training.log_every=4", "training.keep_checkpoints=2"]

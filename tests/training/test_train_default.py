@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from shira_dist.train import main
 from shira_dist.training.models import builtin_model_dir, default_cache_dir
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _train(config: str, out: Path, *overrides: str) -> dict:

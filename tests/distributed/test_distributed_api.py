@@ -26,7 +26,7 @@ from shira_dist.distributed import (
 from tests.conftest import tiny_llama
 from tools.traffic import count_collectives, trainable_bytes
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

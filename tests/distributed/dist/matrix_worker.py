@@ -1,7 +1,7 @@
-"""One rank of the engine matrix (tests/test_engine_matrix.py): many cells in one process.
+"""One rank of the engine matrix (tests/distributed/test_engine_matrix.py): many cells in one process.
 
-    torchrun --nproc_per_node 2 tests/dist/matrix_worker.py --out DIR --cells ddp-adamw_foreach,fsdp2-adamw_fused,...
-    deepspeed --num_gpus 2 tests/dist/matrix_worker.py --out DIR --cells zero2-adamw_foreach,...
+    torchrun --nproc_per_node 2 tests/distributed/dist/matrix_worker.py --out DIR --cells ddp-adamw_foreach,fsdp2-adamw_fused,...
+    deepspeed --num_gpus 2 tests/distributed/dist/matrix_worker.py --out DIR --cells zero2-adamw_foreach,...
 
 Each cell (engine-path, see matrix_cells.py) builds a fresh model in the default execution
 mode and applies the engine to it directly, the way a user does (no shira_dist.distributed
@@ -45,13 +45,13 @@ from typing import Callable
 import torch
 
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))  # the repo
 
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tests.dist import harness  # noqa: E402
-from tests.dist import matrix_cells as cells  # noqa: E402
+from tests.distributed.dist import harness  # noqa: E402
+from tests.distributed.dist import matrix_cells as cells  # noqa: E402
 
 PG_TIMEOUT = datetime.timedelta(seconds=90)  # a rank left alone in a collective gives up (and records it)
 CONTROL_TIMEOUT = 3 * PG_TIMEOUT  # outlives a peer's PG_TIMEOUT wait, so the outcome exchange still meets

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from shira_dist import ShiraModel
 from shira_dist.train import main
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
 
 
 def _train(out: Path, *overrides: str) -> dict:

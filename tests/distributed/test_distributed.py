@@ -1,6 +1,6 @@
 """SHiRA under real engines (CPU, gloo, 2 processes) against the single-process run.
 
-Two launched jobs, each checked by many tests (tests/dist/worker.py does the training):
+Two launched jobs, each checked by many tests (tests/distributed/dist/worker.py does the training):
 
     torchrun            ddp, fsdp2, fsdp2 + CPU offload, fsdp1 (use_orig_params) + mask-mismatch checks
     deepspeed launcher  ZeRO-2, ZeRO-2 + optimizer offload, ZeRO-3, ZeRO-3 + optimizer offload
@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load_file
 
 from shira_dist import ShiraModel
-from tests.dist import harness
-from tests.dist.launch import REPO, run_job
+from tests.distributed.dist import harness
+from tests.distributed.dist.launch import REPO, run_job
 
-WORKER = REPO / "tests" / "dist" / "worker.py"
+WORKER = REPO / "tests" / "distributed" / "dist" / "worker.py"
 JOB_TIMEOUT_S = 420
 
 TORCHRUN_RUNS = ["ddp:scratch", "ddp:resume", "fsdp2:scratch", "fsdp2:resume", "fsdp2_offload:scratch",

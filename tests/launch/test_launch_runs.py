@@ -38,7 +38,7 @@ from shira_dist.launch.backends.slurm import JOB_ID_FILE
 from shira_dist.launch.cli import main
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 SHIRA_LAUNCH = str(Path(sys.executable).parent / "shira-launch")
 TIMEOUT = 240

@@ -30,7 +30,7 @@ from shira_dist.launch.cli import main
 from shira_dist.launch.env_vars import REDACTED, is_secret, parse_env, redact_argv
 from shira_dist.launch.sbatch_script import sbatch_quote
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 REAL_PYTHON = sys.executable
 SECRET = "sekrit123"

@@ -2,7 +2,7 @@
 
 A user takes ``get_peft_model(...)`` as returned (default mode: set_fuse_mode is never
 called) and hands it to an engine themselves -- no shira_dist.distributed helper wraps it.
-Each cell (engine x update path, see tests/dist/matrix_cells.py) trains a fresh model for
+Each cell (engine x update path, see tests/distributed/dist/matrix_cells.py) trains a fresh model for
 harness.STEPS steps, each rank on its half of the same global batch, and must train exactly
 like one process running the pure reference ("unfused" mode) on the whole batch with the
 same optimizer:
@@ -34,7 +34,7 @@ Checks per cell (tolerances):
 Each job's wall time is printed (pytest -s) and written to <job dir>/wall.json (no timing
 assertion). The DeepSpeed shared-memory op compiles once into <repo>/.cache/torch_extensions.
 
-Run: .venv/bin/pytest tests/test_engine_matrix.py -s   (both jobs; a job is launched only
+Run: .venv/bin/pytest tests/distributed/test_engine_matrix.py -s   (both jobs; a job is launched only
 when one of its cells is selected, e.g. -k zero runs the DeepSpeed job alone)
 """
 
@@ -48,10 +48,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist import harness, matrix_cells
-from tests.dist.launch import REPO, run_job
+from tests.distributed.dist import harness, matrix_cells
+from tests.distributed.dist.launch import REPO, run_job
 
-WORKER = REPO / "tests" / "dist" / "matrix_worker.py"
+WORKER = REPO / "tests" / "distributed" / "dist" / "matrix_worker.py"
 JOB_TIMEOUT_S = 300
 LOSS_RTOL = 1e-5
 VALUE_ATOL = 1e-5

@@ -1,7 +1,7 @@
 """Triton kernels vs dense fp64 references.
 
 In CI they run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set in conftest).
-On a machine with a GPU, ``TRITON_INTERPRET=0 pytest tests/test_triton_kernels.py`` runs the
+On a machine with a GPU, ``TRITON_INTERPRET=0 pytest tests/kernels/test_triton_kernels.py`` runs the
 same tests compiled, on CUDA tensors (benchmarks/gpu_check.sh does).
 """
 

@@ -6,7 +6,7 @@ between two forwards -- torch's foreach/fused/for-loop optimizers, a hand-writte
 writes through ``.data``, rebinding ``.data``, ``load_state_dict``, bitsandbytes' 8-bit
 AdamW -- the next forward must compute with the values as they are now.
 
-Every update path below trains the tiny Llama of tests/dist/harness.py (hidden 64, 2
+Every update path below trains the tiny Llama of tests/distributed/dist/harness.py (hidden 64, 2
 layers, vocab 128; SHiRA r=2 on all 7 projections, random_seed=0) for harness.STEPS steps
 on harness.batches() (4 x 16 tokens per step), twice in this process:
 
@@ -30,7 +30,7 @@ cached per module):
 Stale fused state shows up as a loss mismatch from the second step on (the first forward
 is computed before any update), a logits mismatch, and a same-model mismatch.
 
-Run: .venv/bin/pytest tests/test_update_paths.py   (single process; ~10-40 s on 2 cores)
+Run: .venv/bin/pytest tests/core/test_update_paths.py   (single process; ~10-40 s on 2 cores)
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tests.dist import harness
+from tests.distributed.dist import harness
 
 ADAM_LR = harness.LR  # 5e-3: an Adam step moves a value by up to ~5e-3
 SGD_LR = 0.5  # plain SGD steps: gradients of the values are <= ~0.06, so steps of up to ~3e-2
