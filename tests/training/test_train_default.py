@@ -31,15 +31,17 @@ def _train(config: str, out: Path, *overrides: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_default_job_smoke_on_packaged_smollm2_and_rotten_tomatoes(tmp_path):
+def test_default_job_learns_on_packaged_smollm2_and_rotten_tomatoes(tmp_path):
+    """15 of the default job's 80 steps already beat the untrained model on held-out reviews
+    (measured: accuracy 0.58 -> 0.71 and eval loss 5.3 -> 0.61 on these 100)."""
     out = tmp_path / "default"
-    metrics = _train("default.yaml", out, "training.max_steps=2", "training.micro_batch_size=4",
-                     "data.max_eval_examples=8", "training.eval_batch_size=8", "training.warmup_steps=0")
-    assert metrics["status"] == "completed" and metrics["train"]["steps"] == 2
-    assert all(0.0 < loss < 20.0 for loss in metrics["train"]["losses"])
-    for key in ("eval_before", "eval_after"):
-        assert metrics[key]["examples"] == 8 and 0.0 <= metrics[key]["accuracy"] <= 1.0
-    assert metrics["eval_after"]["loss"] != metrics["eval_before"]["loss"]  # the adapter changed the model
+    metrics = _train("default.yaml", out, "training.max_steps=15", "training.warmup_steps=2",
+                     "data.max_eval_examples=100")
+    assert metrics["status"] == "completed" and metrics["train"]["steps"] == 15
+    before, after = metrics["eval_before"], metrics["eval_after"]
+    assert before["examples"] == after["examples"] == 100
+    assert after["accuracy"] >= before["accuracy"] + 0.05, (before, after)
+    assert after["loss"] < 0.5 * before["loss"], (before, after)
     # the job prepared its own split from the packaged csv
     held_out = (out / "data" / "eval.jsonl").read_text().splitlines()
     assert len(held_out) == 500 and json.loads(held_out[0])["label"] in ("positive", "negative")
@@ -61,7 +63,6 @@ def test_minilm_sequence_classification_smoke(tmp_path):
     metrics = _train("minilm_sentiment.yaml", out, "training.max_steps=3", "training.micro_batch_size=8",
                      "data.max_eval_examples=16", "training.eval_batch_size=16")
     assert metrics["status"] == "completed" and metrics["eval_after"]["examples"] == 16
-    assert 0.0 <= metrics["eval_after"]["accuracy"] <= 1.0
     adapter = load_file(out / "final" / "adapter_model.safetensors")
     assert adapter["base_model.model.classifier.weight"].shape == (2, 384)  # the new head travels with it
     assert sum(k.endswith("shira_weight") for k in adapter) == 6 * 6  # q, k, v, attn-out, ffn-in, ffn-out
