@@ -17,14 +17,14 @@
 // so every entry costs one contiguous, vectorised TB-long dot product (sddmm), multiply-add into
 // register-held sums (forward spmm) or axpy (transposed spmm);
 // no (n_rows, n_cols) tensor and no full transposed copy is ever made. The tile buffers are
-// per-thread scratch kept between calls of fewer than kFreeScratchFrom tokens (fresh allocations
-// of this size page-faulted on every call: measured 0.41 -> 0.24 ms for a 1024x1024, r=32 forward
-// of 64 tokens), freed after larger, training-sized ones. Rows of S are walked
+// per-thread scratch kept between calls of fewer than kFreeScratchFrom tokens (a fresh allocation
+// of this size page-faults on every call, a large share of a small inference call), freed after
+// larger, training-sized ones. Rows of S are walked
 // in order, so the (n_rows, TB) side is streamed and only the (n_cols, TB) side is read at
 // random: TB is chosen to keep that within about 1 MB of L2.
 //
 // Threads (the process's OpenMP pool, which torch's kernels use too: separate threads would
-// compete with its spinning workers, measured up to 2x slower right after a matmul):
+// compete with its workers, which spin for a while after each matmul):
 //   - at least as many token tiles as threads: each thread takes a contiguous token range
 //     with its own buffers (sddmm adds the per-thread partial sums at the end);
 //   - fewer (small batches, e.g. inference): the threads share one tile, transpose it
@@ -152,9 +152,8 @@ void release_scratch(int64_t T) {
 
 // The calling thread's scratch buffer number `slot`: at least n elements (contents undefined),
 // starting on a 64-byte cache line, kept for the thread's next call (unless release_scratch
-// frees it). The alignment matters: malloc's 16-byte alignment put every 64-byte slice of a
-// tile across two cache lines, which measured up to 1.7x slower depending on where a buffer
-// happened to land.
+// frees it). The alignment matters: with malloc's 16-byte alignment a 64-byte slice of a tile
+// can straddle two cache lines, doubling the lines each vector load touches.
 template <typename S>
 S* scratch(int slot, int64_t n) {
   constexpr int64_t pad = 64 / sizeof(S);
@@ -237,8 +236,8 @@ struct Tile {
 #if defined(__AVX512F__)
     if constexpr (std::is_same<S, float>::value) {
       // Each row's sums stay in NA registers of 16 floats (up to 128 tokens) while its entries
-      // stream past: one load and one FMA per 16 products and one store per row (measured
-      // 1.5-2x faster than the axpy loop below, which loads and stores the row every entry).
+      // stream past: one load and one FMA per 16 products and one store per row, where an axpy
+      // per entry would load and store the row's outputs for every entry.
       constexpr int NA = int(std::min<int64_t>(TB, 128) / 16);
       const __m512 sc = _mm512_set1_ps(scale);
       for (int64_t r = r0; r < r1; ++r) {
@@ -261,9 +260,7 @@ struct Tile {
     }
 #endif
     // Elsewhere (AVX2, or fp64): the same scheme in GCC vector types of the widest SIMD the
-    // build targets, NA = 8 accumulators (8 independent FMA chains) covering CH tokens per pass
-    // (measured on an AVX2-only Zen 3, T=128 and 1024: 1.3-1.6x faster than the one axpy per entry
-    // used before, which loaded and stored the row's outputs for every entry).
+    // build targets, NA = 8 accumulators (8 independent FMA chains) covering CH tokens per pass.
     using V = typename Vec<S>::type;
     constexpr int64_t W = kVecBytes / sizeof(S);
     constexpr int NA = int(std::min<int64_t>(8, TB / W));
@@ -417,11 +414,9 @@ struct Tile {
 // Calls fn(Tile<S, I, TB>{}) with tile rows of 1 KB, 512 B, 256 B or 128 B: the longest that keeps
 //   - the (n_cols, TB) tile (read or written at random) within about 1.25 MB of L2,
 //   - both tiles of a call, (n_rows + n_cols) x TB, within `budget` bytes (each thread keeps its
-//     scratch between calls, so this also bounds what the kernels hold): kTileBudget (256 B rows
-//     measured as fast as 1 KB rows), half of it for the forward product, whose streamed output
-//     tile otherwise pushed the input tile out of a 512 KB L2 (measured on a Zen 3 at 64-128
-//     tokens: a 1024x1024 layer's forward 1.25-1.5x faster, other shapes unchanged; the 128 B rows
-//     made a 1024x2816 forward 1.2-1.4x faster than 256 B rows, its (2816, TB) tile then fitting),
+//     scratch between calls, so this also bounds what the kernels hold): kTileBudget, half of it
+//     for the forward product, whose streamed output tile would otherwise push the input tile out
+//     of a 512 KB L2 (short rows let a wide layer's (n_cols, TB) tile fit),
 //   - TB no longer than the batch needs (the loops always run TB tokens).
 constexpr int64_t kTileBudget = int64_t(1) << 19;
 

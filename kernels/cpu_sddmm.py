@@ -13,9 +13,9 @@ grad_y and x that cost as much again; the kernel transposes tiles of 128 tokens 
 L2-sized buffers instead (see the .cpp header). benchmarks/bench_sddmm.py compares them.
 The sparse products use the same tiles and read S's rows both ways, so no CSR of S^T is kept:
 the forward keeps each output row's sums in registers while the row's entries stream past,
-grad_x is vectorised axpys (measured 0.08-0.26x of the layer's dense forward vs MKL CSR's
-0.3-0.6x, T=128, r=32, 2 threads, AVX2). With fewer token tiles than threads (small batches), the threads
-share each tile and split S's rows instead (see the .cpp header).
+grad_x is vectorised axpys (a few times faster than MKL's CSR products at r=32). With fewer
+token tiles than threads (small batches), the threads share each tile and split S's rows
+instead (see the .cpp header).
 
 The library is compiled on first use (about a second; ``-march=native``) into
 ``$SHIRA_DIST_CACHE`` (default ``~/.cache/shira_dist``), under a name that hashes the source,
@@ -46,8 +46,8 @@ from torch import Tensor
 CHOICES = ("auto", "native", "torch")
 _SOURCE = Path(__file__).with_name("cpu_sddmm.cpp")
 # -fassociative-math (with the two flags it needs) lets the compiler sum each dot product's
-# vector lanes as a tree; without it the 16 lanes are added one after another in order, which
-# made the kernel ~1.3-1.8x slower. The sums' order is arbitrary anyway (tiles, threads).
+# vector lanes as a tree instead of one lane after another, a serial chain; the sums' order
+# is arbitrary anyway (tiles, threads).
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
           "-std=c++17", "-shared", "-fPIC"]
 _VALUE_TYPES = {torch.float32: "f32", torch.float64: "f64"}
