@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,24 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shira_dist.train import main
+from tests.training.tiny_job import ROOT, TINY, metrics as _metrics, run_tiny as _main
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
-SHORT = ["training.progress_bar=false", "training.eval_before_training=false", "training.max_steps=8",
-         "training.save_every=2", "training.log_every=4", "training.keep_checkpoints=2"]
-
-
-def _main(out: Path, *overrides: str) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return main(["--config", TINY, f"output_dir={out}", *SHORT, *overrides])
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
 
 
 def _one_line_error(capsys) -> str:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,25 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shira_dist.train import main
+from tests.training.tiny_job import ROOT, SHORT, TINY, metrics as _metrics, run_tiny as _main, small_tmpfs
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
-SHORT = ["training.progress_bar=false", "training.eval_before_training=false", "training.max_steps=8",
-         "training.save_every=2", "training.log_every=4", "training.keep_checkpoints=2"]
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
-
-
-def _main(out: Path, *overrides: str) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return main(["--config", TINY, f"output_dir={out}", *SHORT, *overrides])
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
 
 
 def _env(**extra: str) -> dict:
@@ -133,13 +116,7 @@ def test_sigterm_records_interrupted_and_exits_143(tmp_path, reference):
 
 
 def test_a_full_disk_is_one_line_and_recorded(tmp_path, capsys):
-    out = tmp_path / "small"
-    out.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(out)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "2M") as out:
         rc = _main(out, "training.save_every=1", "training.keep_checkpoints=null", f"data.cache_dir={tmp_path}/cache")
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if "error" in line.lower()]
@@ -149,8 +126,6 @@ def test_a_full_disk_is_one_line_and_recorded(tmp_path, capsys):
         assert m["status"] == "failed" and "no space left" in m["reason"]
         assert 1 <= len(list((out / "checkpoints").glob("step-*"))) < 8
         assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
-    finally:
-        subprocess.run(["umount", str(out)], check=True)
 
 
 def test_metrics_json_leaves_running_even_on_a_completely_full_disk(tmp_path):
@@ -158,13 +133,7 @@ def test_metrics_json_leaves_running_even_on_a_completely_full_disk(tmp_path):
     from shira_dist.training.errors import RunFailed
     from shira_dist.training.report import RunRecord, write_metrics
 
-    out = tmp_path / "full"
-    out.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(out)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "full", "256k") as out:
         record = RunRecord(str(out), is_main=True)
         record.active = True
         write_metrics(str(out / "metrics.json"), {"status": "running", "losses": [1.0] * 4000})
@@ -174,8 +143,6 @@ def test_metrics_json_leaves_running_even_on_a_completely_full_disk(tmp_path):
                 f.flush()
         record.finish_with(RunFailed("the disk is full"))
         assert _metrics(out) == {"status": "failed", "reason": "the disk is full"}
-    finally:
-        subprocess.run(["umount", str(out)], check=True)
 
 
 def test_ddp_ranks_stop_together_on_a_nonfinite_loss(tmp_path):

@@ -1,4 +1,5 @@
-"""What the strategies share, as small functions over plain arguments (no base class).
+"""What the strategies share: small functions over plain arguments, and two mixins of methods
+whose bodies would otherwise repeat in every strategy (no strategy derives from another).
 
     trainable_parameters(model)            the optimizer's parameters (an error if there are none)
     parameter_names(shira, params)         their names in the ShiraModel, in order
@@ -9,21 +10,28 @@
     named_optimizer_state / load_named_optimizer_state
                                            by-name optimizer state (optim_state.py), whole tensors:
                                            DTensor shards (FSDP2) are gathered and re-sharded
+    StrategyBasics                         constructor, plain model construction and backward
+    TorchOptimizerSteps                    clip, step, zero and by-name state of a torch optimizer
+                                           (single, ddp, fsdp; DeepSpeed's engine steps itself)
+    RankCollectives                        sums, barrier and replica check over the process group
+                                           (ddp, fsdp, deepspeed)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Iterable, Optional
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ...distributed import MaskMismatchError, check_adapters_consistent
+from ...distributed import MaskMismatchError, check_adapters_consistent, gather_adapter_state_dict
 from ...model import ShiraModel
 from .. import optim_state
+from ..dist_env import barrier
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -98,3 +106,60 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, na
             if isinstance(value, Tensor) and value.shape == p.shape:
                 entry[key] = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
     optimizer.load_state_dict(loaded)
+
+
+class StrategyBasics:
+    """Mixin: the constructor and the plain parts of a strategy (engines override what they own)."""
+
+    def __init__(self, env, device: torch.device, cfg) -> None:
+        self.env, self.device, self.cfg = env, device, cfg
+
+    def model_construction(self) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+
+class TorchOptimizerSteps:
+    """Mixin for strategies that step a torch optimizer themselves. Uses ``self.shira``,
+    ``self.model``, ``self.params``, ``self.optimizer`` and ``self.env``, set by ``setup``."""
+
+    def clip_grad_norm(self, max_norm: Optional[float]) -> float:
+        return clip_grad_norm(self.params, max_norm)
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def clip_and_step(self, max_norm: Optional[float]) -> Optional[float]:
+        norm = self.clip_grad_norm(max_norm)
+        self.optimizer_step()
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def adapter_state_dict(self, adapter_name: str) -> Optional[dict[str, Tensor]]:
+        """The adapter's tensors under PEFT's keys on rank 0 (collective; None elsewhere)."""
+        return gather_adapter_state_dict(self.model, adapter_name)
+
+    def optimizer_state_dict(self) -> Optional[dict]:
+        """Whole optimizer state by parameter name on rank 0 (collective: shards are gathered)."""
+        return named_optimizer_state(self.optimizer, parameter_names(self.shira, self.params), self.env.is_main)
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        """Every rank loads the whole saved state and keeps its own shard of each tensor."""
+        load_named_optimizer_state(self.optimizer, state, parameter_names(self.shira, self.params))
+
+
+class RankCollectives:
+    """Mixin for strategies over a process group. Uses ``self.device`` and ``self.model``."""
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return sum_over_ranks(tensor, self.device)
+
+    def barrier(self) -> None:
+        barrier()
+
+    def replicas_in_sync(self) -> bool:
+        return adapters_in_sync(self.model)

@@ -31,9 +31,8 @@ from ...distributed import zero_stage_of
 from ...masks import CALIBRATED_MASKS
 from ...model import ShiraModel
 from .. import optim_state
-from ..dist_env import DistEnv, barrier
 from ..schema import RunConfig
-from .common import (OptimizerFactory, adapters_in_sync, ensure_process_group, parameter_names, sum_over_ranks,
+from .common import (OptimizerFactory, RankCollectives, StrategyBasics, ensure_process_group, parameter_names,
                      trainable_parameters)
 
 # Used when distributed.deepspeed_config is not given (zero_stage picks the stage, default 2).
@@ -119,14 +118,14 @@ def _name_cpu_accelerator(device: torch.device) -> None:
 
 
 # ---- the strategy -------------------------------------------------------------------------------
-class DeepSpeedStrategy:
+class DeepSpeedStrategy(StrategyBasics, RankCollectives):
     """DeepSpeed ZeRO stage 0-3 (optimizer offload as the JSON says) over the ShiraModel."""
 
     name = "deepspeed"
     steps_in_engine = True
 
-    def __init__(self, env: DistEnv, device: torch.device, cfg: RunConfig) -> None:
-        self.env, self.device, self.cfg = env, device, cfg
+    def __init__(self, env, device: torch.device, cfg: RunConfig) -> None:
+        super().__init__(env, device, cfg)
         self.config = job_deepspeed_config(cfg)
         self.stage = zero_stage_of(self.config)
         self.builds_partitioned = False  # True once model_construction applies zero.Init
@@ -213,15 +212,6 @@ class DeepSpeedStrategy:
                 if "step" in entry:
                     entry["step"] = torch.tensor(max(steps)) if isinstance(entry["step"], Tensor) else int(max(steps))
         self.optimizer.param_groups[0].update({k: v for k, v in loaded["param_groups"][0].items() if k != "params"})
-
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        return sum_over_ranks(tensor, self.device)
-
-    def barrier(self) -> None:
-        barrier()
-
-    def replicas_in_sync(self) -> bool:
-        return adapters_in_sync(self.model)
 
     def _create_zero_moments(self) -> None:
         """Allocate AdamW's state on ZeRO's flat fp32 partitions (torch creates it lazily at

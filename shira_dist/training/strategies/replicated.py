@@ -10,31 +10,21 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional
+from typing import ContextManager
 
-import torch
 from torch import Tensor, nn
 
-from ...distributed import gather_adapter_state_dict, sync_adapters
+from ...distributed import sync_adapters
 from ...model import ShiraModel
-from ..dist_env import DistEnv, barrier
-from ..schema import RunConfig
-from .common import (OptimizerFactory, adapters_in_sync, clip_grad_norm, load_named_optimizer_state,
-                     named_optimizer_state, parameter_names, sum_over_ranks, trainable_parameters)
+from .common import OptimizerFactory, RankCollectives, StrategyBasics, TorchOptimizerSteps, trainable_parameters
 
 
-class SingleStrategy:
+class SingleStrategy(StrategyBasics, TorchOptimizerSteps):
     """One process: plain autograd and optimizer."""
 
     name = "single"
     steps_in_engine = False
     builds_partitioned = False
-
-    def __init__(self, env: DistEnv, device: torch.device, cfg: RunConfig) -> None:
-        self.env, self.device, self.cfg = env, device, cfg
-
-    def model_construction(self) -> ContextManager:
-        return contextlib.nullcontext()
 
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
         self.shira: ShiraModel = model
@@ -44,32 +34,6 @@ class SingleStrategy:
 
     def no_sync(self) -> ContextManager:
         return contextlib.nullcontext()
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def clip_grad_norm(self, max_norm: Optional[float]) -> float:
-        return clip_grad_norm(self.params, max_norm)
-
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
-
-    def clip_and_step(self, max_norm: Optional[float]) -> Optional[float]:
-        norm = self.clip_grad_norm(max_norm)
-        self.optimizer_step()
-        return norm
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def adapter_state_dict(self, adapter_name: str) -> Optional[dict[str, Tensor]]:
-        return gather_adapter_state_dict(self.model, adapter_name)
-
-    def optimizer_state_dict(self) -> Optional[dict]:
-        return named_optimizer_state(self.optimizer, parameter_names(self.shira, self.params), self.env.is_main)
-
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        load_named_optimizer_state(self.optimizer, state, parameter_names(self.shira, self.params))
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         return tensor
@@ -81,18 +45,12 @@ class SingleStrategy:
         return True
 
 
-class DdpStrategy:
+class DdpStrategy(StrategyBasics, TorchOptimizerSteps, RankCollectives):
     """torch DDP over the ShiraModel: every rank holds the whole model, gradients are averaged."""
 
     name = "ddp"
     steps_in_engine = False
     builds_partitioned = False
-
-    def __init__(self, env: DistEnv, device: torch.device, cfg: RunConfig) -> None:
-        self.env, self.device, self.cfg = env, device, cfg
-
-    def model_construction(self) -> ContextManager:
-        return contextlib.nullcontext()
 
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -107,38 +65,3 @@ class DdpStrategy:
 
     def no_sync(self) -> ContextManager:
         return self.model.no_sync()
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def clip_grad_norm(self, max_norm: Optional[float]) -> float:
-        return clip_grad_norm(self.params, max_norm)
-
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
-
-    def clip_and_step(self, max_norm: Optional[float]) -> Optional[float]:
-        norm = self.clip_grad_norm(max_norm)
-        self.optimizer_step()
-        return norm
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def adapter_state_dict(self, adapter_name: str) -> Optional[dict[str, Tensor]]:
-        return gather_adapter_state_dict(self.model, adapter_name)
-
-    def optimizer_state_dict(self) -> Optional[dict]:
-        return named_optimizer_state(self.optimizer, parameter_names(self.shira, self.params), self.env.is_main)
-
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        load_named_optimizer_state(self.optimizer, state, parameter_names(self.shira, self.params))
-
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        return sum_over_ranks(tensor, self.device)
-
-    def barrier(self) -> None:
-        barrier()
-
-    def replicas_in_sync(self) -> bool:
-        return adapters_in_sync(self.model)
