@@ -53,3 +53,23 @@ def llama():
 def ids():
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, 101, (2, 9), generator=g)
+
+
+_SHM = "/dev/shm"
+
+
+def _deepspeed_shm_names() -> set[str]:
+    try:
+        return {n for n in os.listdir(_SHM) if n.startswith("deepspeed_allreduce_buffer_")}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_shared_memory():
+    """Nothing outside its directory: a test that ran DeepSpeed on the CPU leaves no 69 MB
+    all-reduce buffer in /dev/shm (tmpfs, so memory) once its processes are gone."""
+    before = _deepspeed_shm_names()
+    yield
+    leaked = _deepspeed_shm_names() - before
+    assert not leaked, f"left in {_SHM}: {sorted(leaked)}"

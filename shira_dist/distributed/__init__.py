@@ -23,7 +23,7 @@ from .adapter_io import gather_adapter_state_dict, is_zero3_partitioned, save_ad
 from .common import data_parallel_slice, rank_and_world, unwrap_shira_model
 from .consistency import MaskMismatchError, broadcast_adapters, check_adapters_consistent, sync_adapters
 from .fsdp import decoder_layers, shard_fsdp1, shard_fsdp2
-from .zero import deepspeed_config, deepspeed_initialize, zero_stage_of
+from .zero import deepspeed_config, deepspeed_initialize, unlink_shm_buffer, zero_stage_of
 
 __all__ = [
     "MaskMismatchError",
@@ -35,6 +35,7 @@ __all__ = [
     "decoder_layers",
     "deepspeed_config",
     "deepspeed_initialize",
+    "unlink_shm_buffer",
     "zero_stage_of",
     "gather_adapter_state_dict",
     "save_adapter",

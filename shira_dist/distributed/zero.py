@@ -107,4 +107,28 @@ def deepspeed_initialize(model: nn.Module, config: dict, optimizer: Optional[tor
     engine, opt, _, sched = deepspeed.initialize(
         model=shira, optimizer=optimizer, model_parameters=trainable if optimizer is None else None,
         config=config, lr_scheduler=lr_scheduler)
+    unlink_shm_buffer()
     return engine, opt, sched
+
+
+def unlink_shm_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer.
+
+    On the CPU accelerator, DeepSpeed's communication backend creates a 69 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank and never
+    unlinks it, so each job would leave them in memory (tmpfs) after it ends. Once every rank
+    has mapped its peers' buffers (the barrier), the names are no longer needed: the mappings
+    stay valid until the processes exit, and the memory is returned then. Collective; a no-op
+    where no such file exists (GPU accelerators, ranks on different hosts).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    dist.barrier()
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass

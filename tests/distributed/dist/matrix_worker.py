@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirna
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
+from shira_dist.distributed import unlink_shm_buffer  # noqa: E402
 from tests.distributed.dist import harness  # noqa: E402
 from tests.distributed.dist import matrix_cells as cells  # noqa: E402
 
@@ -225,6 +226,8 @@ def main() -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", timeout=PG_TIMEOUT)
+
+        unlink_shm_buffer()  # DeepSpeed never removes its CPU all-reduce buffer's name
     else:
         dist.init_process_group("gloo", timeout=PG_TIMEOUT)
     rank = dist.get_rank()

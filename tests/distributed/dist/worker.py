@@ -30,6 +30,7 @@ import harness  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from shira_dist.distributed import (  # noqa: E402
+    unlink_shm_buffer,
     MaskMismatchError,
     check_adapters_consistent,
     data_parallel_slice,
@@ -172,6 +173,8 @@ def main() -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+
+        unlink_shm_buffer()  # DeepSpeed never removes its CPU all-reduce buffer's name
     else:
         dist.init_process_group("gloo")
     rank = dist.get_rank()

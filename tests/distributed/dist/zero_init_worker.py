@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from shira_dist.distributed import unlink_shm_buffer  # noqa: E402
 from tests.distributed.dist.harness import TARGETS  # noqa: E402
 
 MASK_TYPES = ("random", "struct", "weight_magnitude")
@@ -41,6 +42,7 @@ def main() -> None:
 
     model_dir, out_dir = sys.argv[1], sys.argv[2]
     deepspeed.init_distributed(dist_backend="gloo")
+    unlink_shm_buffer()  # DeepSpeed never removes its CPU all-reduce buffer's name
     rank = torch.distributed.get_rank()
     keep = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})  # noqa: F841
     facts: dict = {"patterns": {}, "head": {}, "counts": {}}
