@@ -9,8 +9,8 @@
     prepare.py        packaged data sets written as local files
     data.py           data files: formats, rows checked, loaded and tokenized (cached)
     batches.py        fields a task reads, token ids, the batch plan, padding, the objective
-    strategies/       single / ddp / fsdp / deepspeed behind one Protocol, in a plain dict
-    optim_state.py    optimizer state by parameter name (any strategy resumes any other)
+    strategies/       single / ddp / fsdp / deepspeed behind one Protocol, in a plain dict;
+                      optimizer state by parameter name (any strategy resumes any other)
     loop.py           step (with the non-finite guard), schedule, logging, evaluation
     checkpointing.py  checkpoints and the final adapter, written whole or not at all
     resume.py         where a run starts: the newest whole checkpoint, or a clean slate

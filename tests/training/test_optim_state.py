@@ -1,11 +1,11 @@
-"""By-name optimizer state (shira_dist.training.optim_state): the form every strategy saves."""
+"""By-name optimizer state (shira_dist.training.strategies.common): the form every strategy saves."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from shira_dist.training import optim_state
+from shira_dist.training.strategies import common as optim_state
 
 
 def _adamw_after_one_step(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:

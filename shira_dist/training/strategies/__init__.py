@@ -12,7 +12,7 @@
                                                     clips and steps together)
     strategy.zero_grad()
     strategy.adapter_state_dict(name)               full adapter tensors on rank 0 (None elsewhere)
-    strategy.optimizer_state_dict() / load_optimizer_state_dict(state)   by name (optim_state.py)
+    strategy.optimizer_state_dict() / load_optimizer_state_dict(state)   by name (common.to_named)
     strategy.all_reduce_sum(t); strategy.barrier(); strategy.replicas_in_sync()
 
     single      replicated.py   one process

@@ -8,7 +8,7 @@ whose bodies would otherwise repeat in every strategy (no strategy derives from 
     adapters_in_sync(model)                rank 0's indices and values everywhere (blake2b digests)
     ensure_process_group(device)           a one-rank group for engines started by one process
     named_optimizer_state / load_named_optimizer_state
-                                           by-name optimizer state (optim_state.py), whole tensors:
+                                           by-name optimizer state (to_named / from_named), whole tensors:
                                            DTensor shards (FSDP2) are gathered and re-sharded
     StrategyBasics                         constructor, plain model construction and backward
     TorchOptimizerSteps                    clip, step, zero and by-name state of a torch optimizer
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, ContextManager, Iterable, Optional
+from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ...distributed import MaskMismatchError, check_adapters_consistent, gather_adapter_state_dict
 from ...model import ShiraModel
-from .. import optim_state
 from ..dist_env import barrier
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -91,12 +90,12 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], is
     state = optimizer.state_dict()
     state["state"] = {i: {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in s.items()}
                       for i, s in sorted(state["state"].items())}
-    return optim_state.to_named(state, names) if is_main else None
+    return to_named(state, names) if is_main else None
 
 
 def load_named_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, names: list[str]) -> None:
     """Load a saved state (by name, or torch's own form); every rank keeps its own shard of a sharded moment."""
-    loaded = optim_state.from_named(state, names, optimizer.param_groups) if optim_state.is_named(state) else state
+    loaded = from_named(state, names, optimizer.param_groups) if is_named(state) else state
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for index, entry in loaded["state"].items():
         p = params[index]
@@ -163,3 +162,67 @@ class RankCollectives:
 
     def replicas_in_sync(self) -> bool:
         return adapters_in_sync(self.model)
+
+# ---- optimizer state by parameter name --------------------------------------------------
+# torch's optimizer.state_dict()                     by name (what trainer_state.pt holds)
+#   {"state": {0: {...}, 1: {...}},       to_named   {"format": NAMED_FORMAT,
+#    "param_groups": [{..., "params": [0, 1]}]} ──►   "state": {"<param name>": {...}},
+#                                         ◄──         "param_groups": [{..., "params": ["<name>", ...]}]}
+#                                         from_named
+# Names are the model's named_parameters() names, the same under DDP, FSDP2 and DeepSpeed;
+# state tensors are whole CPU tensors, so a checkpoint resumes under any strategy (a ZeRO-3
+# run as one process and the other way round) with Adam's moments intact.
+
+NAMED_FORMAT = "shira_dist.optimizer_by_name/1"
+
+
+def is_named(state: dict) -> bool:
+    return state.get("format") == NAMED_FORMAT
+
+
+def to_named(state: dict, names: list[str]) -> dict:
+    """torch's index-keyed ``optimizer.state_dict()`` -> by-name; ``names[i]`` is parameter i."""
+    index_to_name: dict[int, str] = {}
+    groups = []
+    for group in state["param_groups"]:
+        for index in group["params"]:
+            if index >= len(names):
+                raise ValueError(f"optimizer parameter index {index} has no name (got {len(names)} names)")
+            index_to_name[index] = names[index]
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [names[i] for i in group["params"]]})
+    return {"format": NAMED_FORMAT, "param_groups": groups,
+            "state": {index_to_name[i]: dict(s) for i, s in state["state"].items()}}
+
+
+def from_named(named: dict, names: list[str], current_groups: list[dict[str, Any]]) -> dict:
+    """By-name -> the index-keyed dict ``optimizer.load_state_dict`` takes.
+
+    ``names``: this optimizer's parameters in order (``current_groups`` its param_groups,
+    whose sizes must match the saved groups). Raises ValueError naming the first parameter
+    the saved state lacks or has in excess (a different adapter or trainable set).
+    """
+    if not is_named(named):
+        raise ValueError(f"optimizer state format {named.get('format')!r} is not {NAMED_FORMAT!r}")
+    saved_names = [n for g in named["param_groups"] for n in g["params"]]
+    missing = [n for n in names if n not in set(saved_names)]
+    extra = [n for n in saved_names if n not in set(names)]
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which this run does not train"
+        raise ValueError(f"the checkpoint's optimizer state {what} ({len(missing)} missing, {len(extra)} extra): "
+                         "resume with the same adapter targets and modules_to_save")
+    if len(named["param_groups"]) != len(current_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(named['param_groups'])} parameter groups, "
+                         f"this run's has {len(current_groups)}")
+    index = {n: i for i, n in enumerate(names)}
+    groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": [index[n] for n in cur_names]}
+              for saved, cur_names in zip(named["param_groups"], _group_names(current_groups, names))]
+    return {"state": {index[n]: s for n, s in named["state"].items()}, "param_groups": groups}
+
+
+def _group_names(groups: list[dict[str, Any]], names: list[str]) -> list[list[str]]:
+    out, start = [], 0
+    for group in groups:
+        out.append(names[start:start + len(group["params"])])
+        start += len(group["params"])
+    return out

@@ -30,10 +30,9 @@ from ...distributed import deepspeed_config, deepspeed_initialize, gather_adapte
 from ...distributed import zero_stage_of
 from ...masks import CALIBRATED_MASKS
 from ...model import ShiraModel
-from .. import optim_state
 from ..schema import RunConfig
-from .common import (OptimizerFactory, RankCollectives, StrategyBasics, ensure_process_group, parameter_names,
-                     trainable_parameters)
+from .common import (OptimizerFactory, RankCollectives, StrategyBasics, ensure_process_group, from_named, is_named,
+                     parameter_names, to_named, trainable_parameters)
 
 # Used when distributed.deepspeed_config is not given (zero_stage picks the stage, default 2).
 DEFAULT_DEEPSPEED_CONFIG = {"zero_optimization": {"stage": 2, "overlap_comm": False},
@@ -194,13 +193,13 @@ class DeepSpeedStrategy(StrategyBasics, RankCollectives):
         hyper = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
         groups = [{**hyper, "params": list(range(len(self.params)))}]
         names = parameter_names(self.shira, self.params)
-        return optim_state.to_named({"state": state, "param_groups": groups}, names) if self.env.is_main else None
+        return to_named({"state": state, "param_groups": groups}, names) if self.env.is_main else None
 
     def load_optimizer_state_dict(self, state: dict) -> None:
-        if not optim_state.is_named(state):
+        if not is_named(state):
             raise ValueError("this checkpoint's optimizer state is not keyed by parameter name, so DeepSpeed cannot "
                              "load it; resume with training.resume=never or from a newer checkpoint")
-        loaded = optim_state.from_named(state, parameter_names(self.shira, self.params), [{"params": self.params}])
+        loaded = from_named(state, parameter_names(self.shira, self.params), [{"params": self.params}])
         if self.stage > 0:
             self._create_zero_moments()
         for index, entry in loaded["state"].items():
