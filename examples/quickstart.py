@@ -10,7 +10,7 @@ import tempfile
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from shira_dist import ShiraConfig, ShiraModel, get_peft_model
+from shira_dist import PeftModel, ShiraConfig, get_peft_model
 
 torch.manual_seed(0)
 config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -34,7 +34,7 @@ model.eval()
 with tempfile.TemporaryDirectory() as d:
     model.save_pretrained(d)
     torch.manual_seed(0)
-    reloaded = ShiraModel.from_pretrained(LlamaForCausalLM(config), d)
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM(config), d)
     with torch.no_grad():
         diff = (reloaded(seq).logits - model(seq).logits).abs().max().item()
     print(f"saved to {d} (PEFT format) and reloaded: max |logit diff| = {diff:.2e}")

@@ -4,7 +4,8 @@ from .masks import calibrate_masks
 from .config import ShiraConfig
 from .layer import ShiraLayer, ShiraLinear
 from .masks import MASK_FUNCTIONS, random_mask
-from .model import PeftModel, ShiraModel, get_peft_model
+from .model import ShiraModel
+from .peft_model import PeftModel, get_peft_model
 from .overlap import adapter_overlap
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ Files are written to a temp file and renamed, never half-written.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .config import ShiraConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's safe_serialization=False
 KEY_PREFIX = "base_model.model."
 WEIGHT_SUFFIX = ".shira_weight"
 INDICES_SUFFIX = ".shira_indices"
@@ -58,34 +60,55 @@ def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> str:
     return directory
 
 
-def write_adapter_tensors(directory: str, tensors: dict[str, Tensor]) -> None:
+def write_adapter_tensors(directory: str, tensors: dict[str, Tensor], safe_serialization: bool = True) -> None:
+    """``adapter_model.safetensors``, or PEFT's pickled ``adapter_model.bin`` when not
+    ``safe_serialization``; the other form, if present from an earlier save, is removed."""
     os.makedirs(directory, exist_ok=True)
-    blob = st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata={"format": "pt"})
-    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), blob)
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    if safe_serialization:
+        blob = st_save(plain, metadata={"format": "pt"})
+    else:
+        buffer = io.BytesIO()
+        torch.save(plain, buffer)
+        blob = buffer.getvalue()
+    name, stale = (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) if safe_serialization else (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME)
+    atomic_write_bytes(os.path.join(directory, name), blob)
+    if os.path.exists(os.path.join(directory, stale)):
+        os.remove(os.path.join(directory, stale))
 
 
 def write_adapter(save_directory: str | os.PathLike, adapter_name: str, tensors: dict[str, Tensor],
-                  config: "ShiraConfig") -> None:
+                  config: "ShiraConfig", safe_serialization: bool = True) -> None:
     """Write one adapter (tensors under PEFT keys + its config, as inference_mode) in PEFT's layout."""
     directory = adapter_dir(save_directory, adapter_name)
-    write_adapter_tensors(directory, tensors)
+    write_adapter_tensors(directory, tensors, safe_serialization)
     dataclasses.replace(config, inference_mode=True).save_pretrained(directory)
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of ``adapter_model.safetensors`` (or PEFT's ``adapter_model.bin``, read
+    with ``weights_only=True``: tensors only, no code)."""
     path = weights_path(directory)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(directory)!r}: not a saved SHiRA adapter")
     with open(path, "rb") as f:
         data = f.read()
     try:
+        if path.endswith(PICKLE_WEIGHTS_NAME):
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+                raise TypeError("not a dict of tensors")
+            return tensors
         return st_load(data)
-    except Exception as e:  # safetensors raises its own error types, none naming the file
-        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # safetensors and torch raise their own error types, none naming the file
+        raise ValueError(f"{path}: not a readable adapter weights file ({type(e).__name__}: {e})") from None
 
 
 def weights_path(directory: str | os.PathLike) -> str:
-    return os.path.join(directory, WEIGHTS_NAME)
+    """The adapter's weights file: safetensors, else PEFT's pickled form where only that exists."""
+    safe = os.path.join(directory, WEIGHTS_NAME)
+    pickled = os.path.join(directory, PICKLE_WEIGHTS_NAME)
+    return pickled if not os.path.isfile(safe) and os.path.isfile(pickled) else safe
 
 
 @dataclass

@@ -84,9 +84,20 @@ class ShiraConfig:
                     "set `config.mask_fn = my_mask_fn` before creating the model"
                 )
 
+    # peft.PeftModel's methods ask these of every config
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("mask_fn")
+        if d["disjoint_from"] is None:  # shira_dist's own field: absent unless used, so peft reads the file silently
+            d.pop("disjoint_from")
         return d
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

@@ -139,12 +139,17 @@ class ShiraLinear(nn.Module):
     def active_adapter(self) -> str:
         return self._active_adapters[0]
 
-    def set_adapter(self, adapter_names: str | Iterable[str], trainable: bool = True) -> None:
-        """Activate adapters present in this layer; active ones train (if ``trainable``), others freeze."""
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        """Activate adapters present in this layer; active ones train (unless ``inference_mode``),
+        others freeze."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._active_adapters = names
         for name, p in self.shira_weight.items():
-            p.requires_grad_(trainable and name in names)
+            p.requires_grad_(not inference_mode and name in names)
+
+    def get_base_layer(self) -> nn.Linear:
+        """The wrapped ``nn.Linear`` (PEFT's ``BaseTunerLayer.get_base_layer``)."""
+        return self.base_layer
 
     @property
     def disable_adapters(self) -> bool:

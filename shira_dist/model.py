@@ -7,9 +7,11 @@ reaches the original modules, anything else falls through to the wrapped model.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 import inspect
+import os
+import re
 import types
+from collections import Counter
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional, Union
 
@@ -17,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .masks import CALIBRATED_MASKS, LossFn, calibrate_masks
 from .config import ShiraConfig
 from .layer import ShiraLinear
-from .masks import MASK_FUNCTIONS, layer_seed, layer_shape, mask_device, random_csr, random_mask, shira_budget
+from .masks import (CALIBRATED_MASKS, MASK_FUNCTIONS, LossFn, calibrate_masks, layer_seed, layer_shape, mask_device,
+                    random_csr, random_mask, shira_budget)
 from .modules_to_save import ModulesToSave
 from .partitioned import full_numel, full_shape
 from .patterns import make_pattern
@@ -84,12 +86,11 @@ class ShiraModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+        try:
             return getattr(self.model, name)
-
-    @property
-    def base_model(self) -> "ShiraModel":
-        """PEFT compatibility: ``peft_model.base_model.model`` is the wrapped model."""
-        return self
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} (around a {type(self.model).__name__}) has no attribute "
+                                 f"{name!r}") from None
 
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """The wrapped model's forward (replaced per instance in _setup: same call, the model's
@@ -292,10 +293,10 @@ class ShiraModel(nn.Module):
                 raise ValueError(f"unknown adapter {n!r}; adapters: {list(self.peft_config)}")
         return names
 
-    def _apply_active(self) -> None:
-        trainable = any(not self.peft_config[a].inference_mode for a in self._active_adapters)
+    def _apply_active(self, inference_mode: bool = False) -> None:
+        trainable = not inference_mode and any(not self.peft_config[a].inference_mode for a in self._active_adapters)
         for _, layer in self.shira_layers():
-            layer.set_adapter(self._active_adapters, trainable=trainable)
+            layer.set_adapter(self._active_adapters, inference_mode=not trainable)
         for _, module in self._saved_modules():
             module.set_adapter(self._active_adapters, trainable=trainable)
 
@@ -310,18 +311,57 @@ class ShiraModel(nn.Module):
             raise ValueError("no adapter is active")
         return self._active_adapters[0]
 
-    def add_adapter(self, adapter_name: str, peft_config: ShiraConfig,
-                    calibration_data: Optional[Iterable[dict]] = None, loss_fn: Optional[LossFn] = None) -> None:
-        """Add a new adapter; it is not active (nor trainable) until ``set_adapter``."""
+    def add_adapter(self, adapter_name: str, peft_config: ShiraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True, calibration_data: Optional[Iterable[dict]] = None,
+                    loss_fn: Optional[LossFn] = None) -> None:
+        """Add a new adapter; it is not active (nor trainable) until ``set_adapter``.
+        ``low_cpu_mem_usage`` means nothing here (values are created directly, r*(in+out) per layer)."""
         exclude = self._exclusions(peft_config) if isinstance(peft_config, ShiraConfig) else None
         indices = self._calibrate(peft_config, calibration_data, loss_fn, exclude)
         self._inject(adapter_name, peft_config, indices=indices, exclude=exclude)
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self._apply_active()
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """As PEFT: fp16/bf16 adapter values become fp32 (the base stays as it is), so small
+        updates are not rounded away; the delta is computed in fp32 and added in the base's dtype."""
+        if not autocast_adapter_dtype:
+            return
+        for _, layer in self.shira_layers():
+            values = layer.shira_weight[adapter_name] if adapter_name in layer.shira_weight else None
+            if values is not None and values.dtype in (torch.float16, torch.bfloat16):
+                values.data = values.data.float()
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Activate adapter(s); they train unless ``inference_mode`` (or loaded for inference)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._active_adapters = self._check_adapters(names)
-        self._apply_active()
+        self._apply_active(inference_mode)
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Make the named adapters' values (and modules_to_save copies) trainable or frozen."""
+        names = self._check_adapters([adapter_names] if isinstance(adapter_names, str) else adapter_names)
+        for _, layer in self.shira_layers():
+            for n in names:
+                if n in layer.shira_weight:
+                    layer.shira_weight[n].requires_grad_(requires_grad)
+        for _, module in self._saved_modules():
+            for n in names:
+                if n in module.modules_to_save:
+                    module.modules_to_save[n].requires_grad_(requires_grad)
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in self.shira_layers():
+            layer.enable_adapters(True)
+        for _, module in self._saved_modules():
+            module.disabled = False
+
+    def disable_adapter_layers(self) -> None:
+        """Base-model outputs until ``enable_adapter_layers`` (merged adapters are unmerged)."""
+        for _, layer in self.shira_layers():
+            layer.enable_adapters(False)
+        for _, module in self._saved_modules():
+            module.disabled = True
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_adapters([adapter_name])
@@ -473,8 +513,10 @@ class ShiraModel(nn.Module):
             setattr(parent, child, module.current)
         return self.model
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
-        """Merge adapters into the weights and return the plain model (no SHiRA modules)."""
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Merge adapters into the weights and return the plain model (no SHiRA modules).
+        ``progressbar`` is accepted for PEFT's signature; a scatter per layer needs none."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._replace_wrappers()
 
@@ -511,41 +553,56 @@ class ShiraModel(nn.Module):
                     out[f"{ckpt.KEY_PREFIX}{name}.{k}"] = v
         return out
 
-    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None) -> None:
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
+                        safe_serialization: bool = True, state_dict: Optional[dict[str, Tensor]] = None) -> None:
+        """Write each (selected) adapter in PEFT's format: "default" in ``save_directory``, the
+        others in subfolders. ``state_dict``: this model's full state dict (an engine's gathered
+        copy, keys as ``self.state_dict()``), to save its adapter tensors instead of the live ones."""
         names = self._check_adapters(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         for name in names:
-            ckpt.write_adapter(save_directory, name, self.adapter_state_dict(name), self.peft_config[name])
+            tensors = self.adapter_state_dict(name)
+            if state_dict is not None:
+                tensors = _from_state_dict(tensors, state_dict, self._state_dict_keys(name))
+            ckpt.write_adapter(save_directory, name, tensors, self.peft_config[name], safe_serialization)
 
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, allow_non_finite: bool = False) -> "ShiraModel":
-        """Wrap ``model`` with the adapter saved in ``model_id``. The whole checkpoint is checked
-        first: on any error ``model`` is left exactly as it was."""
-        obj = cls.__new__(cls)
-        nn.Module.__init__(obj)
-        obj._setup(model)
-        obj.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_non_finite=allow_non_finite)
-        obj._active_adapters = [adapter_name]
-        obj._apply_active()
-        return obj
+    def _state_dict_keys(self, adapter_name: str) -> dict[str, str]:
+        """adapter checkpoint key -> this module's own state_dict key."""
+        out = {}
+        for name, layer in self.shira_layers():
+            if adapter_name in layer.shira_weight:
+                out[f"{ckpt.KEY_PREFIX}{name}{ckpt.WEIGHT_SUFFIX}"] = f"model.{name}.shira_weight.{adapter_name}"
+        for name, module in self._saved_modules():
+            if adapter_name in module.modules_to_save:
+                for k in module.modules_to_save[adapter_name].state_dict():
+                    out[f"{ckpt.KEY_PREFIX}{name}.{k}"] = f"model.{name}.modules_to_save.{adapter_name}.{k}"
+        return out
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     allow_non_finite: bool = False, hotswap: bool = False) -> None:
+                     allow_non_finite: bool = False, hotswap: bool = False,
+                     key_mapping: Optional[dict[str, str]] = None, config: Optional[ShiraConfig] = None,
+                     subfolder: Optional[str] = None) -> None:
         """Load a saved adapter (PEFT's format) as ``adapter_name``; not activated.
 
         All-or-nothing: the config, every tensor (finite values unless ``allow_non_finite``,
         integral indices, shapes) and the modules_to_save state are checked against the model
-        before anything changes. Errors name the file. ``hotswap=True`` replaces the existing
-        adapter ``adapter_name`` in place (same layers and budget; its tensors keep their
-        identity where the stored form allows, so a compiled model need not be rebuilt).
+        before anything changes. Errors name the file. An adapter of that name already present
+        (or ``hotswap=True``) is replaced in place (same layers and budget; its tensors keep
+        their identity, so an optimizer or a compiled model over them stays valid), as a
+        Trainer resuming from a checkpoint expects. ``key_mapping``: {regex: replacement}
+        applied to the stored keys (a model whose module paths were renamed). ``config``: use
+        this config instead of the saved one.
         """
         ckpt.check_adapter_name(adapter_name)
-        config = dataclasses.replace(ShiraConfig.from_pretrained(model_id), inference_mode=not is_trainable)
-        source = ckpt.weights_path(model_id)
-        tensors = ckpt.read_adapter_tensors(model_id)
+        directory = os.path.join(model_id, subfolder) if subfolder else model_id
+        saved_config = config if config is not None else ShiraConfig.from_pretrained(directory)
+        config = dataclasses.replace(saved_config, inference_mode=not is_trainable)
+        source = ckpt.weights_path(directory)
+        tensors = ckpt.read_adapter_tensors(directory)
+        if key_mapping:
+            tensors = {_map_key(k, key_mapping): v for k, v in tensors.items()}
         saved_paths = [n for n, _ in find_modules_to_save(self.model, config.modules_to_save)]
         loaded = ckpt.split_adapter_tensors(tensors, saved_paths, source, allow_non_finite=allow_non_finite)
-        if hotswap:
+        if hotswap or adapter_name in self.peft_config:
             self._hotswap(adapter_name, config, loaded, source)
             return
         try:
@@ -565,6 +622,27 @@ class ShiraModel(nn.Module):
                 if name in loaded.saved:
                     module.modules_to_save[adapter_name].load_state_dict(loaded.saved[name], strict=True)
         self._apply_active()
+
+
+def _map_key(key: str, key_mapping: dict[str, str]) -> str:
+    """The first matching pattern of ``key_mapping`` rewrites the key (transformers' convention)."""
+    for pattern, replacement in key_mapping.items():
+        new, n = re.subn(pattern, replacement, key)
+        if n:
+            return new
+    return key
+
+
+def _from_state_dict(tensors: dict[str, Tensor], state_dict: dict[str, Tensor], keys: dict[str, str]) -> dict:
+    """The adapter tensors as they stand in ``state_dict`` (keys with any prefix an engine or a
+    wrapper added, e.g. ``base_model.``); indices come from the model (they never change)."""
+    out = dict(tensors)
+    for ckpt_key, own_key in keys.items():
+        hits = [k for k in state_dict if k == own_key or k.endswith("." + own_key)]
+        if len(hits) != 1:
+            raise ValueError(f"state_dict has {len(hits)} entries for {own_key!r} (expected exactly one)")
+        out[ckpt_key] = state_dict[hits[0]]
+    return out
 
 
 def _check_hotswap(model: "ShiraModel", adapter_name: str, config: ShiraConfig, loaded, source: str) -> None:
@@ -603,17 +681,3 @@ def _check_saved_state(module: nn.Module, state: dict[str, Tensor], where: str) 
     for key, shape in expected.items():
         if got[key] != shape:
             raise ValueError(f"{where}: {key} has shape {got[key]}, the model's is {shape}")
-
-
-def get_peft_model(model: nn.Module, peft_config: ShiraConfig, adapter_name: str = "default",
-                   calibration_data: Optional[Iterable[dict]] = None, loss_fn: Optional[LossFn] = None) -> ShiraModel:
-    """Wrap ``model`` with a SHiRA adapter (drop-in for ``peft.get_peft_model``).
-
-    ``calibration_data`` (batches passed as ``model(**batch)``) and ``loss_fn(model, batch)``
-    feed the data-driven masks ``mask_type="gradient"`` and ``"snip"``; see calibrate_masks.
-    """
-    return ShiraModel(model, peft_config, adapter_name=adapter_name, calibration_data=calibration_data,
-                      loss_fn=loss_fn)
-
-
-PeftModel = ShiraModel  # so ``PeftModel.from_pretrained(base, dir)`` works after an import change

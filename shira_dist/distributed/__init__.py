@@ -1,6 +1,6 @@
 """SHiRA under data parallelism and sharding engines: DDP, FSDP2 (and FSDP1), DeepSpeed ZeRO-2/3.
 
-    model = get_peft_model(base, cfg)             # or ShiraModel.from_pretrained(..., is_trainable=True)
+    model = get_peft_model(base, cfg)             # or PeftModel.from_pretrained(..., is_trainable=True)
     sync_adapters(model)                          # same indices/values on every rank (hash all-reduce)
     ├─ DDP      DDP(model, forward_sync_buffers=False)          values replicated, grads all-reduced
     │                                                           (indices never change: no buffer sync)
@@ -12,7 +12,7 @@
 
 The training job's strategies (``shira_dist.training.strategies``) are built from these.
 Every strategy saves the same files, so any run resumes under any other by loading the
-adapter before sharding: ``ShiraModel.from_pretrained(base, dir, is_trainable=True)``.
+adapter before sharding: ``PeftModel.from_pretrained(base, dir, is_trainable=True)``.
 Any engine applied directly (``DDP``, ``fully_shard``, ``deepspeed.initialize``, Accelerate)
 trains correctly too: these helpers add checks and the adapter-only gathers.
 Masks, data-driven ones included, are computed before sharding (``get_peft_model``), then

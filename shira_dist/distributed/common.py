@@ -1,9 +1,12 @@
-"""Small helpers every strategy shares: find the ShiraModel inside an engine, rank/world and
+"""Small helpers every strategy shares: find the SHiRA model inside an engine, rank/world and
 the data-parallel slice of a global batch.
 
-    DDP(ShiraModel).module            ─┐
-    DeepSpeedEngine(ShiraModel).module ├─► unwrap_shira_model(...) -> the ShiraModel
-    FSDP2: fully_shard(ShiraModel)    ─┘   (FSDP2 keeps the object, only changes its class)
+    DDP(model).module                  ─┐
+    DeepSpeedEngine(model).module       ├─► unwrap_shira_model(...) -> model
+    FSDP2: fully_shard(model)          ─┘   (FSDP2 keeps the object, only changes its class)
+
+``model``: what get_peft_model / PeftModel.from_pretrained return (a shira_dist.PeftModel),
+or a bare ShiraModel; both answer the same methods.
 """
 
 from __future__ import annotations
@@ -12,16 +15,17 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model import ShiraModel
+from ..peft_model import PeftModel
 
 
-def unwrap_shira_model(model: nn.Module) -> ShiraModel:
-    """The ShiraModel inside ``model`` (itself, DDP's/DeepSpeed's/FSDP1's ``.module``, ...)."""
+def unwrap_shira_model(model: nn.Module) -> PeftModel | ShiraModel:
+    """The SHiRA model inside ``model`` (itself, DDP's/DeepSpeed's/FSDP1's ``.module``, ...)."""
     seen = model
-    while not isinstance(seen, ShiraModel):
+    while not isinstance(seen, (PeftModel, ShiraModel)):
         inner = getattr(seen, "module", None)
         if not isinstance(inner, nn.Module):
-            raise TypeError(f"{type(model).__name__} holds no ShiraModel: wrap the result of "
-                            "shira_dist.get_peft_model / ShiraModel.from_pretrained")
+            raise TypeError(f"{type(model).__name__} holds no SHiRA model: wrap the result of "
+                            "shira_dist.get_peft_model / PeftModel.from_pretrained")
         seen = inner
     return seen
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 import torch
 from torch import nn
 
-from .. import ShiraConfig, ShiraModel, get_peft_model
+from .. import PeftModel, ShiraConfig, get_peft_model
 from ..masks import CALIBRATED_MASKS, layer_shape, shira_budget
 from ..targeting import find_targets
 from .batches import BatchPlan, Objective, collate
@@ -331,11 +331,11 @@ def calibration_batches(count: int, plan: BatchPlan, train, objective: Objective
 
 
 def build_adapter(base: nn.Module, cfg: RunConfig, resume_dir: Optional[str], calibration: Optional[list[dict]],
-                  objective: Objective) -> ShiraModel:
+                  objective: Objective) -> PeftModel:
     """A new adapter from cfg.shira (a data-driven mask scored on ``calibration``), or the adapter saved in
     ``resume_dir`` (trainable)."""
     if resume_dir is not None:
-        return ShiraModel.from_pretrained(base, resume_dir, is_trainable=True)
+        return PeftModel.from_pretrained(base, resume_dir, is_trainable=True)
     check_adapter_fits(base, cfg.shira)
     base_name = cfg.model.path or cfg.model.builtin or f"inline:{cfg.model.inline_config['model_type']}"
     config = shira_config(cfg.shira, cfg.task, base_name)

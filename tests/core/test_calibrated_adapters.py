@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 
-from shira_dist import ShiraConfig, ShiraModel, calibrate_masks, get_peft_model
+from shira_dist import PeftModel, ShiraConfig, calibrate_masks, get_peft_model
 from tests.conftest import tiny_llama
 
 
@@ -24,7 +24,7 @@ def test_get_peft_model_uses_calibration_data(mask_type):
     cfg = ShiraConfig(r=2, target_modules=["q_proj", "down_proj"], mask_type=mask_type)
     expected = calibrate_masks(tiny_llama(), cfg, _batches())
     model = get_peft_model(tiny_llama(), cfg, calibration_data=_batches())
-    got = {n[len("model."):]: m.shira_indices["default"] for n, m in model.named_modules() if hasattr(m, "shira_indices")}
+    got = {n[len("base_model.model."):]: m.shira_indices["default"] for n, m in model.named_modules() if hasattr(m, "shira_indices")}
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got)
 
@@ -53,6 +53,6 @@ def test_checkpoints_need_no_data_and_load_in_peft(tmp_path, mask_type):
     ids = _batches()[0]["input_ids"]
     with torch.no_grad():
         y = model(ids).logits
-        assert torch.equal(ShiraModel.from_pretrained(tiny_llama(), str(tmp_path))(ids).logits, y)
+        assert torch.equal(PeftModel.from_pretrained(tiny_llama(), str(tmp_path))(ids).logits, y)
         pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
         torch.testing.assert_close(pm(ids).logits, y, atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import shira_dist
-from shira_dist import ShiraConfig, ShiraModel, get_peft_model
+from shira_dist import PeftModel, ShiraConfig, get_peft_model
 from tests.conftest import tiny_llama
 
 
@@ -56,12 +56,12 @@ def test_round_trip_exact(tmp_path, ids):
         model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
     y = _logits(model, ids)
     model.save_pretrained(str(tmp_path))
-    loaded = ShiraModel.from_pretrained(tiny_llama(), str(tmp_path))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
     assert torch.equal(_logits(loaded, ids), y)
     a, b = model.adapter_state_dict("default"), loaded.adapter_state_dict("default")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False
-    trainable = ShiraModel.from_pretrained(tiny_llama(), str(tmp_path), is_trainable=True)
+    trainable = PeftModel.from_pretrained(tiny_llama(), str(tmp_path), is_trainable=True)
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -89,7 +89,7 @@ def test_peft_adapter_loads_in_shira_dist(tmp_path, ids):
                            modules_to_save=["lm_head"])
     pm = peft.get_peft_model(tiny_llama(), cfg)
     pm.save_pretrained(str(tmp_path))
-    model = ShiraModel.from_pretrained(tiny_llama(), str(tmp_path))
+    model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
     torch.testing.assert_close(_logits(model, ids), _logits(pm, ids), atol=1e-5, rtol=0)
     # The same import-only switch: shira_dist.PeftModel
     model2 = shira_dist.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
@@ -108,7 +108,7 @@ def test_unsorted_indices_round_trip_exactly(tmp_path, ids):
         idx = k.replace("shira_weight", "shira_indices")
         sd[idx] = sd[idx][:, perm].contiguous()
     save_file(sd, path)
-    model = ShiraModel.from_pretrained(tiny_llama(), str(tmp_path))
+    model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
     torch.testing.assert_close(_logits(model, ids), _logits(src, ids), atol=1e-5, rtol=0)
     out = tmp_path / "again"
     model.save_pretrained(str(out))
@@ -127,7 +127,7 @@ def test_load_errors_name_the_problem(tmp_path):
     k = "base_model.model.model.layers.1.self_attn.v_proj"
 
     def load():
-        return ShiraModel.from_pretrained(tiny_llama(), str(tmp_path))
+        return PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
 
     bad = dict(sd)
     bad[f"{k}.shira_indices"] = bad[f"{k}.shira_indices"].clone()
@@ -174,7 +174,7 @@ def test_load_into_a_model_of_other_shapes(tmp_path):
     other = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=101))
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.*expected r\*\(in\+out\)"):
-        ShiraModel.from_pretrained(other, str(tmp_path))
+        PeftModel.from_pretrained(other, str(tmp_path))
 
 
 def test_interrupted_save_leaves_no_half_written_file(tmp_path, monkeypatch):

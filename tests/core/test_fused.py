@@ -45,7 +45,7 @@ def test_fused_training_matches_unfused_and_peft(mask_type):
     pm = peft.get_peft_model(tiny_llama(), peft.ShiraConfig(r=2, target_modules=TARGETS, random_seed=0))
     peft_layers = {n: m for n, m in pm.named_modules() if hasattr(m, "shira_indices") and isinstance(m.shira_indices, dict)}
     for name, layer in _layers(fused):
-        peft_layers["base_model." + name].shira_indices["default"] = layer.shira_indices["default"].clone()
+        peft_layers[name].shira_indices["default"] = layer.shira_indices["default"].clone()
 
     l_fused, l_unfused, l_peft = _train(fused, 4), _train(unfused, 4), _train(pm, 4)
     assert all(layer.fused for _, layer in _layers(fused)) and not any(layer.fused for _, layer in _layers(unfused))
@@ -55,7 +55,7 @@ def test_fused_training_matches_unfused_and_peft(mask_type):
     # move a value by a small fraction of one step (lr=1e-2); 1e-4 is 1 % of a step.
     for (name, a), (_, b) in zip(_layers(fused), _layers(unfused)):
         torch.testing.assert_close(a.shira_weight["default"], b.shira_weight["default"], atol=1e-4, rtol=0)
-        torch.testing.assert_close(a.shira_weight["default"], peft_layers["base_model." + name].shira_weight["default"],
+        torch.testing.assert_close(a.shira_weight["default"], peft_layers[name].shira_weight["default"],
                                    atol=1e-4, rtol=0)
 
 
@@ -67,7 +67,7 @@ def test_fused_weight_outside_mask_is_bit_identical_and_no_drift():
     model(_batches(1)[0])  # a training forward after the last optimizer step re-writes the fused entries
     for name, layer in _layers(model):
         w = layer.base_layer.weight.detach()
-        ref0 = w0[name[len("model."):]]
+        ref0 = w0[name[len("base_model.model."):]]
         idx = layer.shira_indices["default"].long()
         mask = torch.zeros_like(w, dtype=torch.bool)
         mask[idx[0], idx[1]] = True
@@ -79,7 +79,7 @@ def test_fused_weight_outside_mask_is_bit_identical_and_no_drift():
     with torch.no_grad():  # a forward without autograd runs unfused, on W0 restored bit for bit
         model(_batches(1)[0])
     for name, layer in _layers(model):
-        assert not layer.fused and torch.equal(layer.base_layer.weight, w0[name[len("model."):]]), name
+        assert not layer.fused and torch.equal(layer.base_layer.weight, w0[name[len("base_model.model."):]]), name
 
 
 def test_fused_switch_disable_and_merge_roundtrip():
@@ -123,8 +123,8 @@ def test_auto_falls_back_for_tied_and_half_precision_weights():
     ids = _batches(1)[0]
     model(ids)
     layers = dict(_layers(model))
-    assert not layers["model.lm_head"].fused and layers["model.model.layers.0.self_attn.q_proj"].fused
-    assert "tied" in layers["model.lm_head"].fuse_blocker()
+    assert not layers["base_model.model.lm_head"].fused and layers["base_model.model.model.layers.0.self_attn.q_proj"].fused
+    assert "tied" in layers["base_model.model.lm_head"].fuse_blocker()
     with pytest.raises(ValueError, match="lm_head: cannot run fused: its weight is shared.*tied"):
         model.set_fuse_mode("fused")
     assert {layer.fuse_mode for layer in layers.values()} == {"auto"}  # checked before any layer changed
@@ -138,7 +138,7 @@ def test_auto_falls_back_for_tied_and_half_precision_weights():
 
 def test_base_layer_hooks_fire_in_fused_mode():
     model = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=["q_proj"]))
-    q = dict(_layers(model))["model.model.layers.0.self_attn.q_proj"]
+    q = dict(_layers(model))["base_model.model.model.layers.0.self_attn.q_proj"]
     seen = []
     q.base_layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
     model(_batches(1)[0])
@@ -159,7 +159,7 @@ def test_fuses_only_into_the_weight_it_wrapped():
     layer runs unfused on it and leaves it untouched."""
     model = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False, random_seed=0))
     ids = _batches(1)[0]
-    q = dict(_layers(model))["model.model.layers.0.self_attn.q_proj"]
+    q = dict(_layers(model))["base_model.model.model.layers.0.self_attn.q_proj"]
     original = q.base_layer.weight
     swapped = torch.nn.Parameter(original.detach().clone(), requires_grad=False)
     q.base_layer.weight = swapped
@@ -175,7 +175,7 @@ def test_fuses_only_into_the_weight_it_wrapped():
 def test_a_weight_replaced_while_fused_is_a_clear_error():
     model = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False, random_seed=0))
     ids = _batches(1)[0]
-    q = dict(_layers(model))["model.model.layers.0.self_attn.q_proj"]
+    q = dict(_layers(model))["base_model.model.model.layers.0.self_attn.q_proj"]
     model(ids, labels=ids)  # a training forward: W0 + delta written in place
     carried = torch.nn.Parameter(q.base_layer.weight.detach().clone(), requires_grad=False)  # e.g. a sharding copy
     original, q.base_layer.weight = q.base_layer.weight, carried
@@ -199,7 +199,7 @@ def test_copies_moves_and_pickles_of_a_fused_model_hold_w0():
     model(ids, labels=ids)
     expected = _reference_logits(model, ids)
     model(ids, labels=ids)
-    q = lambda m: dict(_layers(m))["model.model.layers.0.self_attn.q_proj"]  # noqa: E731
+    q = lambda m: dict(_layers(m))["base_model.model.model.layers.0.self_attn.q_proj"]  # noqa: E731
     assert q(model).fused
     twin = copy.deepcopy(model)
     assert torch.equal(q(twin).base_layer.weight, base_w) and torch.equal(q(model).base_layer.weight, base_w)
@@ -233,7 +233,7 @@ def test_several_active_adapters_train_fused_like_unfused():
         return m
 
     fused, unfused = build("auto"), build("unfused")
-    q = dict(_layers(fused))["model.model.layers.0.self_attn.q_proj"]
+    q = dict(_layers(fused))["base_model.model.model.layers.0.self_attn.q_proj"]
     a, b = (set(map(tuple, q.shira_indices[n].t().tolist())) for n in ("a", "b"))
     assert a & b  # r=8 of a 32x32 weight: the two patterns share entries
     torch.testing.assert_close(_train(fused, 4), _train(unfused, 4), rtol=1e-5, atol=0)
@@ -250,7 +250,7 @@ def test_disabling_unmerges_and_merging_needs_enabled_adapters():
     with torch.no_grad():
         y0 = tiny_llama()(ids).logits
         model.merge_adapter()
-        q = dict(_layers(model))["model.model.layers.0.self_attn.q_proj"]
+        q = dict(_layers(model))["base_model.model.model.layers.0.self_attn.q_proj"]
         q.enable_adapters(False)
         assert not q.merged
         with pytest.raises(ValueError, match="q_proj: adapters are disabled; enable them before merging"):

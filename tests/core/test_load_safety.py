@@ -129,7 +129,7 @@ def test_a_corrupt_weights_file_is_named(tmp_path):
     path = os.path.join(directory, "adapter_model.safetensors")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file"):
+    with pytest.raises(ValueError, match=rf"{path}: not a readable adapter weights file"):
         PeftModel.from_pretrained(tiny_llama(), directory)
 
 

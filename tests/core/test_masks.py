@@ -61,7 +61,7 @@ def test_model_masks_differ_per_layer_and_reproduce_across_runs(llama):
     m3 = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=["q_proj"]))
     torch.manual_seed(0)
     m4 = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=["q_proj"]))
-    k = "model.model.layers.0.self_attn.q_proj"
+    k = "base_model.model.model.layers.0.self_attn.q_proj"
     assert not torch.equal(_qv_indices(m3)[k], _qv_indices(m4)[k])
 
 
@@ -125,7 +125,7 @@ def test_model_random_masks_match_the_mask_function_per_layer(llama):
     from shira_dist.masks import layer_seed
 
     model = get_peft_model(llama, ShiraConfig(r=2, target_modules=["q_proj", "down_proj"], random_seed=5))
-    layers = {n.removeprefix("model."): m for n, m in model.named_modules() if hasattr(m, "shira_indices")}
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "shira_indices")}
     assert len(layers) == 4
     for name, layer in layers.items():
         mask = random_mask(layer.base_layer, 2, random_seed=layer_seed(5, name))

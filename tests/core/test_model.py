@@ -46,7 +46,7 @@ def test_all_linear_skips_output_head_and_regex_targets(llama):
     assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
     model2 = get_peft_model(tiny_llama(), _cfg(target_modules=r".*layers\.1\.self_attn\.(q|v)_proj"))
     names2 = sorted(n for n, m in model2.named_modules() if isinstance(m, ShiraLinear))
-    assert names2 == ["model.model.layers.1.self_attn.q_proj", "model.model.layers.1.self_attn.v_proj"]
+    assert names2 == ["base_model.model.model.layers.1.self_attn.q_proj", "base_model.model.model.layers.1.self_attn.v_proj"]
 
 
 def test_default_targets_by_model_type(llama):
@@ -200,7 +200,7 @@ def test_unknown_mask_type_needs_mask_fn(llama):
 def test_unknown_adapter_names_error(llama):
     model = get_peft_model(llama, _cfg())
     for call in (lambda: model.set_adapter("x"), lambda: model.delete_adapter("x"),
-                 lambda: model.merge_adapter(["x"]), lambda: model.save_pretrained("/tmp/never", ["x"])):
+                 lambda: model.merge_adapter(["x"]), lambda: model.save_pretrained("/tmp/never", selected_adapters=["x"])):
         with pytest.raises(ValueError, match="unknown adapter 'x'"):
             call()
     with pytest.raises(ValueError, match="already exists"):
@@ -221,5 +221,7 @@ def test_trainable_parameter_report(llama, capsys):
 
 def test_wrapping_twice_is_an_error(llama):
     model = get_peft_model(llama, _cfg())
+    with pytest.raises(TypeError, match="already has SHiRA adapters"):
+        get_peft_model(model, _cfg())
     with pytest.raises(TypeError, match="already a ShiraModel"):
-        ShiraModel(model, _cfg())
+        ShiraModel(model.base_model, _cfg())

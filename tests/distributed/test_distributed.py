@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shira_dist import ShiraModel
+from shira_dist import PeftModel
 from tests.distributed.dist import harness
 from tests.distributed.dist.launch import REPO, run_job
 
@@ -149,7 +149,7 @@ def test_base_weights_outside_mask_bit_identical_on_every_rank(jobs, kind, run):
 @pytest.mark.parametrize("kind,run", RUNS, ids=RUN_IDS)
 def test_saved_adapter_loads_in_shira_dist_and_peft(jobs, reference, kind, run):
     directory = str(jobs(kind)["out"] / run.replace(":", "-"))
-    ours = _logits(ShiraModel.from_pretrained(harness.base_model(), directory))
+    ours = _logits(PeftModel.from_pretrained(harness.base_model(), directory))
     theirs = _logits(peft.PeftModel.from_pretrained(harness.base_model(), directory))
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours, reference[run.split(":")[1]]["logits"], atol=1e-5, rtol=0)
@@ -158,7 +158,7 @@ def test_saved_adapter_loads_in_shira_dist_and_peft(jobs, reference, kind, run):
 def test_zero3_run_resumes_as_single_process(jobs, reference, tmp_path):
     """A ZeRO-3 run's adapter continues training in one process exactly like the reference's."""
     zero3_dir = str(jobs("deepspeed")["out"] / "zero3-resume")
-    ShiraModel.from_pretrained(harness.base_model(), zero3_dir)  # loads
+    PeftModel.from_pretrained(harness.base_model(), zero3_dir)  # loads
     ref_dir = tmp_path / "ref"
     ref_model = harness.shira_model("resume", reference["start_dir"])
     harness.train_single(ref_model)

@@ -47,7 +47,7 @@ def test_unwrap_finds_the_shira_model_inside_wrappers():
     holder.module = nn.Module()
     holder.module.module = model
     assert unwrap_shira_model(holder) is model
-    with pytest.raises(TypeError, match="holds no ShiraModel"):
+    with pytest.raises(TypeError, match="holds no SHiRA model"):
         unwrap_shira_model(nn.Linear(2, 2))
 
 

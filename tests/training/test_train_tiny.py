@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shira_dist import ShiraModel
+from shira_dist import PeftModel
 from shira_dist.train import main
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
@@ -76,7 +76,7 @@ def test_final_adapter_loads_with_shira_dist_and_peft(straight):
         return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **inline)).eval()
 
     ids = torch.tensor([list(b"review: the film was superb and fun\nsentiment:")])
-    ours = ShiraModel.from_pretrained(base(), str(out / "final"))
+    ours = PeftModel.from_pretrained(base(), str(out / "final"))
     theirs = peft.PeftModel.from_pretrained(base(), str(out / "final"))
     with torch.no_grad():
         plain, a, b = base()(ids).logits[0, -1], ours(ids).logits[0, -1], theirs(ids).logits[0, -1]

@@ -4,7 +4,7 @@ and the per-rank facts a worker records (imported by worker.py and by test_distr
 Every run trains ``STEPS`` AdamW steps on the same ``GLOBAL_BATCH`` rows per step: one
 process takes all rows, rank r of W takes rows [r*B/W, (r+1)*B/W). A run starts either
 from scratch (``get_peft_model`` with a seeded mask, zero values) or by resuming a saved
-adapter (``ShiraModel.from_pretrained(..., is_trainable=True)``, non-zero values).
+adapter (``PeftModel.from_pretrained(..., is_trainable=True)``, non-zero values).
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ def base_model() -> nn.Module:
 
 def shira_model(start: str, start_dir: str | None = None, random_seed: int | None = 0):
     """start="scratch": a fresh adapter on all 7 projections; "resume": the saved one in start_dir."""
-    from shira_dist import ShiraConfig, ShiraModel, get_peft_model
+    from shira_dist import PeftModel, ShiraConfig, get_peft_model
 
     if start == "scratch":
         return get_peft_model(base_model(), ShiraConfig(r=R, target_modules=TARGETS, random_seed=random_seed))
     if start == "resume":
-        return ShiraModel.from_pretrained(base_model(), start_dir, is_trainable=True)
+        return PeftModel.from_pretrained(base_model(), start_dir, is_trainable=True)
     raise ValueError(f"start={start!r}: use 'scratch' or 'resume'")
 
 
