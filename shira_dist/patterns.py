@@ -18,6 +18,7 @@ a fresh (2, nnz) tensor in the stored order, ``state_dict()`` holds it under
 
 from __future__ import annotations
 
+import re
 from typing import Iterator, Optional
 
 import torch
@@ -167,6 +168,19 @@ class PatternDict(nn.Module):
         self.patterns = nn.ModuleDict()
         self.register_state_dict_post_hook(_indices_to_state_dict)
         self.register_load_state_dict_pre_hook(_indices_from_state_dict)
+        self.register_load_state_dict_post_hook(_missing_as_indices)
+
+    def __getattr__(self, name: str):
+        """``shira_indices.<adapter>`` as an attribute too: tools that resolve state_dict keys
+        as attribute paths (torch.distributed.checkpoint, FSDP2's full state dict) find it."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            patterns = self._modules.get("patterns")
+            if patterns is not None and name in patterns:
+                return patterns[name].indices()
+            raise
+
 
     def __setitem__(self, name: str, pattern: SparsePattern) -> None:
         self.patterns[name] = pattern
@@ -223,3 +237,18 @@ def _indices_from_state_dict(module: PatternDict, state_dict: dict, prefix: str,
             continue
         for key, t in pattern.named_buffers():
             state_dict[f"{prefix}patterns.{name}.{key}"] = t
+
+_PATTERN_BUFFER = re.compile(r"^(.*)patterns\.([^.]+)\.(?:crow|col|order)$")
+
+
+def _missing_as_indices(module: PatternDict, incompatible) -> None:
+    """load_state_dict post-hook: a missing pattern is reported under its state_dict key
+    ``<prefix><name>``, not as the buffers behind it."""
+    keys, seen = [], set()
+    for key in incompatible.missing_keys:
+        match = _PATTERN_BUFFER.match(key)
+        key = f"{match.group(1)}{match.group(2)}" if match else key
+        if key not in seen:
+            seen.add(key)
+            keys.append(key)
+    incompatible.missing_keys[:] = keys

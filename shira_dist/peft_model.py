@@ -141,12 +141,12 @@ class PeftModel(peft.PeftModel):
         self.base_model.print_trainable_parameters()
 
     def get_layer_status(self) -> list[TunerLayerStatus]:
-        """One PEFT ``TunerLayerStatus`` per SHiRA layer."""
+        """One PEFT ``TunerLayerStatus`` per SHiRA layer (named from the tuner, as PEFT does)."""
         out = []
         for name, layer in self.base_model.shira_layers():
             values = dict(layer.shira_weight.items())
             out.append(TunerLayerStatus(
-                name=f"base_model.model.{name}", module_type=type(layer).__name__,
+                name=f"model.{name}", module_type=type(layer).__name__,
                 enabled=not layer.disable_adapters, active_adapters=layer.active_adapters,
                 merged_adapters=layer.merged_adapters,
                 requires_grad={n: v.requires_grad for n, v in values.items()},
@@ -235,7 +235,9 @@ class PeftModel(peft.PeftModel):
                                      allow_non_finite=allow_non_finite, hotswap=hotswap, key_mapping=key_mapping,
                                      subfolder=subfolder)
         self.base_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        if not is_trainable:
+        if is_trainable:  # as PEFT: trainable even before set_adapter makes it active
+            self.base_model.set_requires_grad(adapter_name, True)
+        else:
             self.eval()  # as PEFT: an adapter loaded for inference puts the model in eval mode
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
