@@ -76,7 +76,7 @@ def usable(x: Tensor, col: Tensor) -> bool:
     want = choice()
     if want == "torch":
         return False
-    if library() is None:
+    if not available():
         if want == "native":
             raise RuntimeError("SHIRA_DIST_CPU_SDDMM=native but the native SDDMM kernel did not build "
                                "(see the warning above); use 'auto' or 'torch'")
@@ -90,6 +90,12 @@ def _cpu_id() -> str:
     except (OSError, StopIteration):
         flags = platform.processor()
     return platform.machine() + flags
+
+
+@torch.compiler.assume_constant_result  # a compiled graph asks once (the build reads files)
+def available() -> bool:
+    """Whether the kernel library is built (building it on first use)."""
+    return library() is not None
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,6 +20,8 @@ import os
 from torch import Tensor
 
 BACKENDS = ("auto", "torch", "triton")
+# looked up once, at import: a compiled graph cannot trace a search of the import path
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def use_triton(t: Tensor) -> bool:
@@ -30,7 +32,7 @@ def use_triton(t: Tensor) -> bool:
         return False
     if backend == "triton":
         return True
-    return t.is_cuda and importlib.util.find_spec("triton") is not None
+    return t.is_cuda and _TRITON_INSTALLED
 
 
 TRITON_SDDMM = ("gather", "blocked")

@@ -124,21 +124,26 @@ class CsrLayout:
         return out
 
     def transposed(self) -> "CsrLayout":
-        """The CSR of S^T (n_cols, n_rows), ``order`` relative to the stored values; built once, kept."""
-        if self._t is None:
-            n_rows, n_cols = self.shape
-            row = self.rows()
-            perm = torch.argsort(self.col.long() * n_rows + row.long())  # row-major of S -> of S^T
-            order = perm if self.order is None else self.order[perm]
-            dt = self.crow.dtype
-            self._t = CsrLayout((n_cols, n_rows), _crow(self.col[perm].long(), n_cols, dt), row[perm], order.to(dt))
-        return self._t
+        """The CSR of S^T (n_cols, n_rows), ``order`` relative to the stored values; built once, kept
+        (inside a compiled graph it is a value of that graph, so it is computed there, not kept)."""
+        if self._t is not None:
+            return self._t
+        n_rows, n_cols = self.shape
+        row = self.rows()
+        perm = torch.argsort(self.col.long() * n_rows + row.long())  # row-major of S -> of S^T
+        order = perm if self.order is None else self.order[perm]
+        dt = self.crow.dtype
+        t = CsrLayout((n_cols, n_rows), _crow(self.col[perm].long(), n_cols, dt), row[perm], order.to(dt))
+        if not torch.compiler.is_compiling():
+            self._t = t
+        return t
 
 
 def _crow(major_sorted: Tensor, n_major: int, dtype: torch.dtype) -> Tensor:
-    crow = torch.zeros(n_major + 1, dtype=dtype, device=major_sorted.device)
-    crow[1:] = torch.cumsum(torch.bincount(major_sorted, minlength=n_major), 0)
-    return crow
+    """(n_major+1,) where each major index's run starts in ``major_sorted`` (nnz,) ascending; every
+    shape is known before the data (a compiled graph traces it)."""
+    starts = torch.arange(n_major + 1, dtype=major_sorted.dtype, device=major_sorted.device)
+    return torch.searchsorted(major_sorted, starts).to(dtype)
 
 
 def csr_layout(shape: tuple[int, int], crow: Tensor, col: Tensor, order: Optional[Tensor],
@@ -148,6 +153,8 @@ def csr_layout(shape: tuple[int, int], crow: Tensor, col: Tensor, order: Optiona
     ``col``: (nnz,) int, or int16 columns stored as (2*nnz,) uint8 bytes (viewed as int16).
     With ``find_blocks`` and at least half of the entries in whole rows/columns, the layout
     also carries :class:`DenseBlocks` so the values' gradient uses dense sub-GEMMs there.
+    Finding them reads the pattern's data (whole rows, counts per column), which a compiled
+    graph cannot do: layouts are made when a pattern is, and forwards only read them.
     """
     if col.dtype == torch.uint8:
         col = col.view(torch.int16)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu_sddmm
+from . import cpu_sddmm, ops
 from .dispatch import use_triton
 from .layout import CsrLayout, flat_index
 
@@ -38,14 +38,11 @@ def scatter_merge_(
     _check(weight, layout)
     values = values.detach().to(weight.device)
     if use_triton(weight) and weight.is_contiguous() and not check_finite:
-        from . import triton_kernels
-
-        originals = triton_kernels.scatter_merge(weight, flat_index(layout).to(weight.device),
-                                                 layout.rowmajor(values), scale)
+        originals = ops.triton_scatter_merge_(weight, flat_index(layout).to(weight.device), layout.rowmajor(values),
+                                              scale)
         return layout.from_rowmajor(originals)
     if not check_finite and _native(weight, layout):
-        originals = torch.empty(layout.nnz, dtype=weight.dtype)
-        cpu_sddmm.scatter_(weight, layout.crow, layout.col, "merge", originals, layout.rowmajor(values), scale)
+        originals = ops.native_scatter_merge_(weight, layout.crow, layout.col, layout.rowmajor(values), scale)
         return layout.from_rowmajor(originals)
     originals = _gather(weight, layout)
     merged = _merged(originals, layout.rowmajor(values), scale)
@@ -65,8 +62,8 @@ def scatter_rewrite_(weight: Tensor, layout: CsrLayout, originals: Tensor, value
     _check(weight, layout)
     values = values.detach().to(weight.device)
     if _native(weight, layout) and originals.dtype == weight.dtype:
-        cpu_sddmm.scatter_(weight, layout.crow, layout.col, "rewrite", layout.rowmajor(originals).contiguous(),
-                           layout.rowmajor(values), scale)
+        ops.native_scatter_write_(weight, layout.crow, layout.col, layout.rowmajor(originals).contiguous(),
+                                  layout.rowmajor(values), scale)
         return
     _scatter(weight, layout, _merged(layout.rowmajor(originals), layout.rowmajor(values), scale))
 
@@ -77,12 +74,10 @@ def scatter_restore_(weight: Tensor, layout: CsrLayout, originals: Tensor) -> No
     _check(weight, layout)
     originals = layout.rowmajor(originals.to(weight.device))
     if use_triton(weight) and weight.is_contiguous():
-        from . import triton_kernels
-
-        triton_kernels.scatter_restore(weight, flat_index(layout).to(weight.device), originals)
+        ops.triton_scatter_restore_(weight, flat_index(layout).to(weight.device), originals)
         return
     if _native(weight, layout) and originals.dtype == weight.dtype:
-        cpu_sddmm.scatter_(weight, layout.crow, layout.col, "restore", originals.contiguous())
+        ops.native_scatter_write_(weight, layout.crow, layout.col, originals.contiguous(), None, 1.0)
         return
     _scatter(weight, layout, originals)
 

@@ -16,19 +16,12 @@ and :func:`sddmm_reference` are what the tests compare to.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from . import cpu_sddmm
+from . import cpu_sddmm, ops
 from .dispatch import triton_sddmm, use_triton
 from .layout import CsrLayout
-
-# torch warns once that CSR is "beta" and that invariant checks are off; both are known
-# and deliberate here (layouts are built by build_csr_layout, which guarantees them).
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 # MKL's CPU sparse kernels take float32/float64 only; half inputs are computed in fp32 (the
 # Triton kernels take half inputs themselves, also under the interpreter on the CPU).
@@ -41,19 +34,13 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _csr(crow: Tensor, col: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
-    """torch's CSR tensor (its crow and col share one dtype: an int16 col is widened, a copy)."""
-    return torch.sparse_csr_tensor(crow, col.to(crow.dtype), vals, shape, check_invariants=False)
-
-
 def _spmm_t(x2d: Tensor, crow: Tensor, col: Tensor, vals_rowmajor: Tensor, n_rows: int, n_cols: int) -> Tensor:
     """``x2d @ A^T`` for A (n_rows, n_cols) in CSR: (T, n_rows), in x2d's compute dtype."""
     if use_triton(x2d):
-        from . import triton_kernels
-
         y = torch.zeros(x2d.shape[0], n_rows, dtype=x2d.dtype, device=x2d.device)
-        return triton_kernels.csr_spmm_add_(y, x2d, crow, col, vals_rowmajor, 1.0)
-    return torch.sparse.mm(_csr(crow, col, vals_rowmajor, (n_rows, n_cols)), x2d.t()).t()
+        ops.triton_spmm_add_(y, x2d, crow, col, vals_rowmajor, 1.0)
+        return y
+    return ops.sparse_mm_t(x2d, crow, col, vals_rowmajor, n_rows, n_cols)
 
 
 def _feature_major_view(t: Tensor) -> Tensor:
@@ -77,7 +64,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         xc = x2d.to(cdt)
         saved = x2d
         if _native(xc, layout):  # (T, out), row by row of S; the scale is applied in the kernel
-            y = cpu_sddmm.spmm(xc, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f, scale=scale)
+            y = ops.native_spmm(xc, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f, False, scale)
         else:
             if use_triton(xc):  # the Triton kernels' token-contiguous copy, made once: the backward's
                 xc = saved = _feature_major_view(xc)  # SDDMM reads the same one
@@ -99,8 +86,8 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
             if _native(gy, layout):  # S's rows again, roles swapped: the CSR of S^T is never built
-                grad_x = cpu_sddmm.spmm(gy, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f,
-                                        transposed=True, scale=ctx.scale).to(ctx.x_dtype)
+                grad_x = ops.native_spmm(gy, layout.crow, layout.col, layout.rowmajor(values.to(cdt)), in_f, True,
+                                         ctx.scale).to(ctx.x_dtype)
             else:
                 v = values.to(cdt) * ctx.scale
                 lt = layout.transposed()
@@ -134,18 +121,12 @@ def sddmm(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
 
 def _sddmm_sparse(grad_y: Tensor, x: Tensor, layout: CsrLayout) -> Tensor:
     if use_triton(x):
-        from . import triton_kernels
-
-        if triton_sddmm() == "blocked":
-            sampled = triton_kernels.sddmm_blocked(grad_y, x, layout.crow, layout.rows(), layout.col).to(x.dtype)
-        else:
-            sampled = triton_kernels.sddmm(grad_y, x, layout.rows(), layout.col).to(x.dtype)
+        blocked = triton_sddmm() == "blocked"
+        sampled = ops.triton_sddmm(grad_y, x, layout.crow, layout.rows(), layout.col, blocked).to(x.dtype)
     elif cpu_sddmm.usable(x, layout.col):
-        sampled = cpu_sddmm.sddmm(grad_y, x, layout.crow, layout.col)
+        sampled = ops.native_sddmm(grad_y, x, layout.crow, layout.col)
     else:
-        zeros = torch.zeros(layout.col.shape[0], dtype=x.dtype, device=x.device)
-        pattern = _csr(layout.crow, layout.col, zeros, layout.shape)
-        sampled = torch.sparse.sampled_addmm(pattern, grad_y.t().contiguous(), x, beta=0.0).values()
+        sampled = ops.sparse_sampled_mm(grad_y, x, layout.crow, layout.col, layout.shape[1])
     return layout.from_rowmajor(sampled)
 
 
@@ -222,13 +203,11 @@ def _delta_add_(y: Tensor, x: Tensor, values: Tensor, layout: CsrLayout, scale: 
     x2d = x.reshape(-1, in_f)
     direct = y.is_contiguous() and y.dtype == x.dtype == _compute_dtype(x)
     if direct and _native(x2d, layout):
-        cpu_sddmm.spmm(x2d, layout.crow, layout.col, layout.rowmajor(values.to(x.dtype)), in_f, scale=scale,
-                       out=y.view(-1, out_f))
+        ops.native_spmm_add_(y.view(-1, out_f), x2d, layout.crow, layout.col, layout.rowmajor(values.to(x.dtype)),
+                             in_f, scale)
     elif direct and use_triton(x2d):
-        from . import triton_kernels
-
-        triton_kernels.csr_spmm_add_(y.view(-1, out_f), x2d, layout.crow, layout.col,
-                                     layout.rowmajor(values.to(x.dtype)), scale)
+        ops.triton_spmm_add_(y.view(-1, out_f), x2d, layout.crow, layout.col, layout.rowmajor(values.to(x.dtype)),
+                             scale)
     else:
         y.add_(sparse_delta_matmul(x, values, layout, scale).to(y.dtype))
     return y
