@@ -39,8 +39,9 @@ def _own(t: Tensor) -> Tensor:
 class SparsePattern(nn.Module):
     """One adapter's pattern of an (out, in) weight: buffers ``crow``, ``col`` (and ``order``).
 
-    Build it with :func:`make_pattern`. Its kernels' view (:meth:`layout`) is made once and
-    kept until the pattern is replaced (:meth:`set_`) or moved (``.to()``).
+    Build it with :func:`make_pattern`. Its kernels' view (:meth:`layout`) is made whenever the
+    buffers are (built, replaced by :meth:`set_` / :meth:`copy_`, moved by ``.to()``), never
+    in a forward: finding whole rows reads the pattern's data, which a compiled graph cannot.
     """
 
     def __init__(self, shape: tuple[int, int], crow: Tensor, col: Tensor, order: Optional[Tensor] = None) -> None:
@@ -65,7 +66,7 @@ class SparsePattern(nn.Module):
         self.register_buffer("crow", _own(crow.to(device)))
         self.register_buffer("col", _own(col))  # not a view keeping all of the given indices alive
         self.register_buffer("order", None if order is None else _own(order.to(device)))
-        self._layout: Optional[CsrLayout] = None
+        self._layout = self._new_layout()
 
     def set_(self, indices: Tensor, where: str = "pattern") -> None:
         """Replace the pattern by ``indices`` (2, nnz) int (validated; distinct entries)."""
@@ -90,7 +91,7 @@ class SparsePattern(nn.Module):
             return
         self.crow.copy_(crow)
         self.columns().copy_(col)
-        self._layout = None  # derived data (dense blocks) follows the new entries
+        self._layout = self._new_layout()  # derived data (dense blocks) follows the new entries
 
     def indices(self) -> Tensor:
         """(2, nnz) int indices in the stored order (a new tensor)."""
@@ -99,15 +100,27 @@ class SparsePattern(nn.Module):
     def layout(self) -> CsrLayout:
         """The kernels' view of these buffers (no copies)."""
         if self._layout is None:
-            self._layout = csr_layout(self.shape, self.crow, self.col, self.order)
+            raise RuntimeError(f"a pattern on the {self.col.device.type} device has no layout; move it to the "
+                               "device its layer computes on")
         return self._layout
 
+    def _new_layout(self) -> Optional[CsrLayout]:
+        """The kernels' view of the buffers as they are now (None on the meta device: no data)."""
+        if self.col.device.type == "meta":
+            return None
+        return csr_layout(self.shape, self.crow, self.col, self.order)
+
     def _apply(self, fn, recurse: bool = True):
-        self._layout = None  # the buffers are replaced (moved, converted)
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._layout = self._new_layout()  # the buffers were replaced (moved, converted)
+        return out
 
     def __getstate__(self) -> dict:  # pickling: the buffers only (the layout views them as int16)
         return {**self.__dict__, "_layout": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._layout = self._new_layout()
 
     @torch.no_grad()
     def broadcast_(self, src: int, group: Optional[dist.ProcessGroup] = None,
