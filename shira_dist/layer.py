@@ -17,6 +17,12 @@ changed them and however. Two ways, same result (``set_fuse_mode``):
            weight (quantized, sharded, gathered per forward by an engine, tied) runs unfused,
            and so does every forward without autograd: the weight holds W0 again before it.
 
+Under ``torch.compile`` every kernel is one custom op (kernels/ops.py), so the forward and
+backward trace without graph breaks and give the eager results. "auto" runs unfused there:
+the first fused forward keeps W0's entries as Python state, a side effect that compiled
+activation checkpointing refuses. "fused" compiles too (the write is an op that mutates the
+weight), except inside activation checkpointing, where dynamo runs those layers eagerly.
+
 Merging writes ``W0[idx] + scale·values`` into a plain weight at the indices only and keeps
 ``W0[idx]``, so unmerging restores the weight bit-exactly. Values are parameters and
 patterns buffers, so ``state_dict()`` and ``.to()`` see them; ``state_dict()`` reports the
@@ -228,8 +234,8 @@ class ShiraLinear(nn.Module):
 
     # ---- fused mode ---------------------------------------------------------------------
     def set_fuse_mode(self, mode: str) -> None:
-        """"auto" (fuse fp32/fp64 weights that can be), "fused" (fuse any float weight; error
-        if it cannot be), "unfused" (never; restores W0 now)."""
+        """"auto" (fuse fp32/fp64 weights that can be; unfused when compiled), "fused" (fuse any
+        float weight; error if it cannot be), "unfused" (never; restores W0 now)."""
         if mode not in FUSE_MODES:
             raise ValueError(f"fuse mode {mode!r} is invalid; allowed: {FUSE_MODES}")
         if mode == "fused":
@@ -268,7 +274,8 @@ class ShiraLinear(nn.Module):
             self._check_fusable()
             return True
         w = self.base_layer.weight
-        return self.fuse_mode == "auto" and w.dtype in _FUSE_DTYPES and self.fuse_blocker() is None
+        return (self.fuse_mode == "auto" and w.dtype in _FUSE_DTYPES and self.fuse_blocker() is None
+                and not torch.compiler.is_compiling())  # see the module docstring
 
     @property
     def fused(self) -> bool:
