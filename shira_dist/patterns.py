@@ -194,7 +194,6 @@ class PatternDict(nn.Module):
                 return patterns[name].indices()
             raise
 
-
     def __setitem__(self, name: str, pattern: SparsePattern) -> None:
         self.patterns[name] = pattern
 
@@ -250,6 +249,7 @@ def _indices_from_state_dict(module: PatternDict, state_dict: dict, prefix: str,
             continue
         for key, t in pattern.named_buffers():
             state_dict[f"{prefix}patterns.{name}.{key}"] = t
+
 
 _PATTERN_BUFFER = re.compile(r"^(.*)patterns\.([^.]+)\.(?:crow|col|order)$")
 
