@@ -42,6 +42,7 @@ def native_spmm(inp: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_cols: 
     """inp: (T, n_cols) -> (T, n_rows) = inp @ (s*S)^T; transposed: inp (T, n_rows) -> (T, n_cols)."""
     return cpu_sddmm.spmm(inp, crow, col, values, n_cols, transposed=transposed, scale=scale)
 
+
 native_spmm.register_fake(lambda inp, crow, col, values, n_cols, transposed, scale:
                           inp.new_empty(inp.shape[0], n_cols if transposed else crow.shape[0] - 1))
 
@@ -58,6 +59,7 @@ def native_sddmm(grad_y: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor
     """grad_y: (T, out), x: (T, in) -> (nnz,) row-major."""
     return cpu_sddmm.sddmm(grad_y, x, crow, col)
 
+
 native_sddmm.register_fake(lambda grad_y, x, crow, col: x.new_empty(col.shape[0]))
 
 
@@ -67,6 +69,7 @@ def native_scatter_merge_(weight: Tensor, crow: Tensor, col: Tensor, values: Ten
     originals = weight.new_empty(col.shape[0])
     cpu_sddmm.scatter_(weight, crow, col, "merge", originals, values, scale)
     return originals
+
 
 native_scatter_merge_.register_fake(lambda weight, crow, col, values, scale: weight.new_empty(col.shape[0]))
 
@@ -99,6 +102,7 @@ def triton_sddmm(grad_y: Tensor, x: Tensor, crow: Tensor, rows: Tensor, col: Ten
         return triton_kernels.sddmm_blocked(grad_y, x, crow, rows, col)
     return triton_kernels.sddmm(grad_y, x, rows, col)
 
+
 triton_sddmm.register_fake(lambda grad_y, x, crow, rows, col, blocked:
                            x.new_empty(col.shape[0], dtype=torch.float32))
 
@@ -109,6 +113,7 @@ def triton_scatter_merge_(weight: Tensor, flat: Tensor, values: Tensor, scale: f
     from . import triton_kernels
 
     return triton_kernels.scatter_merge(weight, flat, values, scale)
+
 
 triton_scatter_merge_.register_fake(lambda weight, flat, values, scale: weight.new_empty(flat.shape[0]))
 
@@ -139,6 +144,7 @@ def sparse_mm_t(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_rows: in
     """x: (T, n_cols) @ A^T for A (n_rows, n_cols) = CSR(crow, col, values) -> (T, n_rows)."""
     return torch.sparse.mm(_csr(crow, col, values, (n_rows, n_cols)), x.t()).t()
 
+
 # (T, n_rows) stored as the product's (n_rows, T), as the real op returns it
 sparse_mm_t.register_fake(lambda x, crow, col, values, n_rows, n_cols: x.new_empty(n_rows, x.shape[0]).t())
 
@@ -149,5 +155,6 @@ def sparse_sampled_mm(grad_y: Tensor, x: Tensor, crow: Tensor, col: Tensor, n_co
     zeros = x.new_zeros(col.shape[0])
     pattern = _csr(crow, col, zeros, (crow.shape[0] - 1, n_cols))
     return torch.sparse.sampled_addmm(pattern, grad_y.t().contiguous(), x, beta=0.0).values()
+
 
 sparse_sampled_mm.register_fake(lambda grad_y, x, crow, col, n_cols: x.new_empty(col.shape[0]))
