@@ -3,20 +3,27 @@
     python benchmarks/bench_train.py                      # the issue's model, 2 threads
     python benchmarks/bench_train.py --hidden 2048 --inter 5632
     python benchmarks/bench_train.py --device cuda --dtype bf16 --hidden 4096 --inter 11008 --seq 1024
+    python benchmarks/bench_train.py --compile --configs floor shira_dist_default shira_dist_fused shira_dist_unfused
 
 Configurations: frozen-base floor (forward + backward through activations only), PEFT LoRA,
 PEFT SHiRA, full fine-tuning of the targeted weights, shira_dist in its default mode (random
 mask; fp32 training forwards run fused), the same with ``AdamW(fused=True)`` (the HF
 Trainer's default optimizer), shira_dist unfused (random), shira_dist struct mask (default
 mode), all r=32 on the 7 Llama projections, AdamW (torch's default implementation unless
-named). Each shira_dist row says the mode its training and inference really ran in
+named); on request, shira_dist in "fused" mode (the default mode's eager run, but fused also
+when compiled, where "auto" runs unfused). Each shira_dist row says the mode its training and inference really ran in
 (inference, autograd off, runs unfused in every mode). Prints one table of medians and
 ratios; nothing here is asserted.
 Step time is compared with the floor's process, which stays up while each configuration runs:
 their steps alternate one by one (only one process computes at a time), and "step / floor" is
 the median of the per-pair ratios, so drifting machine speed hits both sides of each ratio.
 Inference (one sequence of --infer-tokens) is compared with the same model's adapters
-disabled, in alternating blocks inside one process. At most two models are in memory at once.
+disabled, in alternating blocks inside one process. At most two models are in memory at once
+(three with ``--compile``).
+With ``--compile`` each configuration also trains through ``torch.compile(model)`` in a process
+of its own, whose steps join the alternation; a second table gives its first step (compiling
+included, from an empty inductor cache) and its step time against the same configuration's eager
+process (median of per-round ratios).
 With ``--device cuda`` every time is taken after ``torch.cuda.synchronize()`` and the memory
 column is the peak of ``torch.cuda.max_memory_allocated`` (model, optimizer, activations)
 instead of the process's peak RSS. Uses only public APIs (transformers, peft, shira_dist).
@@ -38,6 +45,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 CONFIGS = ["floor", "peft_lora", "peft_shira", "full_ft", "shira_dist_default", "shira_dist_default_fused_adamw",
            "shira_dist_unfused", "shira_dist_struct"]
+EXTRA_CONFIGS = ["shira_dist_fused"]  # run when named in --configs
 
 
 def _build(args, name):
@@ -68,7 +76,7 @@ def _build(args, name):
     mask_type = "struct" if name == "shira_dist_struct" else "random"
     model = shira_dist.get_peft_model(model, shira_dist.ShiraConfig(r=args.r, target_modules=TARGETS,
                                                                     mask_type=mask_type, random_seed=0))
-    model.set_fuse_mode("unfused" if name == "shira_dist_unfused" else "auto")
+    model.set_fuse_mode({"shira_dist_unfused": "unfused", "shira_dist_fused": "fused"}.get(name, "auto"))
     return model
 
 
@@ -119,13 +127,16 @@ class _Job:
         self.args, self.name = args, name
         self.sync = torch.cuda.synchronize if args.device == "cuda" else None
         self.model = _build(args, name)
+        self.forward = torch.compile(self.model) if args.compiled else self.model
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         fused_adamw = name.endswith("_fused_adamw")  # what the HF Trainer builds by default
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=fused_adamw or None) if self.params else None
         self.model.train()
-        self.step()  # warm-up
+        self.first_step_s = self.step()  # warm-up (compiling, with --compile)
+        if args.compiled:
+            self.step()  # a guard that changes after the first step (e.g. "fused" mode) recompiles here
 
     def step(self) -> float:
         """One training step; returns its wall time in seconds."""
@@ -133,7 +144,7 @@ class _Job:
             self.sync()
         t = time.perf_counter()
         x = self.model.get_input_embeddings()(self.ids).detach().requires_grad_(True)  # the floor still
-        loss = self.model(inputs_embeds=x, labels=self.ids).loss                        # back-propagates
+        loss = self.forward(inputs_embeds=x, labels=self.ids).loss                      # back-propagates
         loss.backward()                                                                  # through every layer
         if self.opt is not None:
             self.opt.step()
@@ -155,7 +166,9 @@ class _Job:
 
             fused = {m.fused for m in model.modules() if isinstance(m, shira_dist.ShiraLinear)}
             res["mode"] = "fused" if fused == {True} else "unfused" if fused == {False} else "mixed"
-            res["mode"] += " training, unfused inference"
+            res["mode"] += " training" if args.compiled else " training, unfused inference"
+        if args.compiled:  # compiled training only
+            return res
         model.eval()
         small = self.ids[:1, :args.infer_tokens]
         with torch.no_grad():
@@ -178,7 +191,7 @@ def serve(args, name: str) -> None:
     """Worker: build the job, then answer "step" (prints the step's time) and "finish" (prints
     the results and exits), one JSON line per command on stdout."""
     job = _Job(args, name)
-    print(json.dumps({"ready": name}), flush=True)
+    print(json.dumps({"ready": name, "first_step_s": job.first_step_s}), flush=True)
     for line in sys.stdin:
         if line.strip() == "step":
             print(json.dumps({"step_s": job.step()}), flush=True)
@@ -192,15 +205,18 @@ def serve(args, name: str) -> None:
 class _Worker:
     """A configuration in its own process, driven one command at a time (the others wait idle)."""
 
-    def __init__(self, args, name: str, env: dict):
-        cmd = [sys.executable, __file__, "--serve", name]
+    def __init__(self, args, name: str, env: dict, compiled: bool = False):
+        cmd = [sys.executable, __file__, "--serve", name] + (["--compiled"] if compiled else [])
         for key in _SIZES:
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        self.name = name
+        self.name = name + (" (compiled)" if compiled else "")
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, shown if it fails
+        self.cache = tempfile.TemporaryDirectory() if compiled else None  # compiles from nothing cached
+        if self.cache is not None:
+            env = {**env, "TORCHINDUCTOR_CACHE_DIR": self.cache.name}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env=env)
-        self._read()  # "ready": built and warmed up
+        self.first_step_s = self._read()["first_step_s"]  # "ready": built and warmed up
 
     def _read(self) -> dict:
         while True:
@@ -225,6 +241,8 @@ class _Worker:
         res = self._ask("finish")
         self.proc.wait()
         self.log.close()
+        if self.cache is not None:
+            self.cache.cleanup()
         return res
 
 
@@ -232,35 +250,52 @@ _SIZES = ["hidden", "inter", "layers", "vocab", "batch", "seq", "r", "steps", "i
           "infer_tokens", "threads", "device", "dtype"]
 
 
+def _alternate(workers: list[_Worker], steps: int) -> list[list[float]]:
+    """``steps`` rounds, each stepping every worker once (one process computes at a time), the
+    order rotated every round; returns each worker's step times."""
+    times = [[] for _ in workers]
+    for i in range(steps):
+        first = i % len(workers)
+        for j in [*range(first, len(workers)), *range(first)]:
+            times[j].append(workers[j].step())
+    return times
+
+
+def _ratio(times: list[float], reference: list[float]) -> float:
+    """Median of the per-round ratios."""
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
 def measure(args, env: dict) -> list[dict]:
     """Every configuration's results. With the floor among them, the floor's process stays up
-    and each configuration's steps alternate with floor steps (order swapped every pair), so
-    machine noise hits both alike; ``step_ratio`` is the median of the per-pair ratios."""
+    and each configuration's steps alternate with floor steps (order rotated every round), so
+    machine noise hits both alike; ``step_ratio`` is the median of the per-round ratios. With
+    ``--compile`` a compiled process of each configuration (the floor's too) joins the rounds;
+    its row has ``compiled``, ``first_step_s`` and ``eager_ratio`` (against the eager process)."""
     floor = _Worker(args, "floor", env) if "floor" in args.configs else None
     floor_times, rows = [], []
     for name in args.configs:
-        if name == "floor":
+        if name == "floor" and not args.compile:
             continue
-        w = _Worker(args, name, env)
+        eager = floor if name == "floor" else _Worker(args, name, env)
+        workers = [eager] + ([_Worker(args, name, env, compiled=True)] if args.compile else [])
+        paced = [floor] + workers if floor is not None and eager is not floor else workers
         if floor is not None:
-            floor.step()  # untimed: the floor's caches were cold while this one was built
-        times, ratios = [], []
-        for i in range(args.steps):
-            if floor is None:
-                times.append(w.step())
+            floor.step()  # untimed: the floor's caches were cold while the others were built
+        times = dict(zip(paced, _alternate(paced, args.steps)))
+        if floor is not None:
+            floor_times += times[floor]
+        for w in workers:
+            if w is floor:
                 continue
-            if i % 2 == 0:
-                f, c = floor.step(), w.step()
-            else:
-                c, f = w.step(), floor.step()
-            times.append(c)
-            floor_times.append(f)
-            ratios.append(c / f)
-        row = w.finish()
-        row["step_s"] = statistics.median(times)
-        if ratios:
-            row["step_ratio"] = statistics.median(ratios)
-        rows.append(row)
+            row = w.finish()
+            row["step_s"] = statistics.median(times[w])
+            if floor is not None:
+                row["step_ratio"] = _ratio(times[w], times[floor])
+            if w is not eager:
+                row.update(compiled=True, first_step_s=w.first_step_s, eager_step_s=statistics.median(times[eager]),
+                           eager_ratio=_ratio(times[w], times[eager]))
+            rows.append(row)
         print(f"  done {name}", file=sys.stderr)
     if floor is not None:
         if not floor_times:  # the floor alone
@@ -280,15 +315,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (each paired with a floor step)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (rounds with the floor)")
     ap.add_argument("--infer-steps", type=int, default=5, help="timed forwards per inference block")
     ap.add_argument("--infer-rounds", type=int, default=7, help="alternating base/unmerged/merged blocks")
     ap.add_argument("--infer-tokens", type=int, default=128, help="tokens of the 1-sequence inference forward")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the model's weights and activations")
-    ap.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
-    ap.add_argument("--serve", choices=CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS + EXTRA_CONFIGS)
+    ap.add_argument("--compile", action="store_true",
+                    help="also train each configuration through torch.compile (its own process)")
+    ap.add_argument("--serve", choices=CONFIGS + EXTRA_CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # the worker compiles
     args = ap.parse_args()
     if args.device == "cuda":
         import torch
@@ -307,6 +345,8 @@ def main() -> None:
     print(f"| config | step s | step / floor | {memory} | infer / base | merged infer / base | merge+unmerge s | adapter MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("compiled"):
+            continue
         ratio = f"{r['step_ratio']:.2f}x" if "step_ratio" in r else "-"
         inf = f"{r['infer_ratio']:.3f}x" if "infer_ratio" in r else "-"
         minf = f"{r['infer_merged_ratio']:.3f}x" if "infer_merged_ratio" in r else "-"
@@ -314,6 +354,19 @@ def main() -> None:
         mb = f"{r['adapter_mb']:.2f}" if "adapter_mb" in r else "-"
         label = r["name"] + (f" ({r['mode']})" if "mode" in r else "")
         print(f"| {label} | {r['step_s']:.3f} | {ratio} | {r['peak_mb']:.0f} | {inf} | {minf} | {sw} | {mb} |")
+    if args.compile:
+        _print_compiled(rows)
+
+
+def _print_compiled(rows: list[dict]) -> None:
+    """The compiled processes against their eager twins (first step: compiling included)."""
+    print("\n| config, torch.compile | first step s (compiling) | eager step s | compiled step s | compiled / eager |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if r.get("compiled"):
+            label = r["name"] + (f" ({r['mode']})" if "mode" in r else "")
+            print(f"| {label} | {r['first_step_s']:.1f} | {r['eager_step_s']:.3f} | {r['step_s']:.3f} | "
+                  f"{r['eager_ratio']:.2f}x |")
 
 
 if __name__ == "__main__":
