@@ -541,41 +541,34 @@ class ShiraModel(nn.Module):
     # ---- checkpoints -------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str) -> dict[str, Tensor]:
         """One adapter's tensors under PEFT's checkpoint keys."""
+        return {key: t for key, _, t in self._adapter_entries(adapter_name)}
+
+    def _adapter_entries(self, adapter_name: str) -> Iterator[tuple[str, Optional[str], Tensor]]:
+        """(PEFT checkpoint key, the key in this module's state_dict or None for the indices,
+        the live tensor: engines gather it) for each tensor of one adapter."""
         self._check_adapters([adapter_name])
-        out: dict[str, Tensor] = {}
         for name, layer in self.shira_layers():
             if adapter_name in layer.shira_weight:
-                out[f"{ckpt.KEY_PREFIX}{name}{ckpt.WEIGHT_SUFFIX}"] = layer.shira_weight[adapter_name]
-                out[f"{ckpt.KEY_PREFIX}{name}{ckpt.INDICES_SUFFIX}"] = layer.shira_indices[adapter_name].to(torch.int32)
+                yield (f"{ckpt.KEY_PREFIX}{name}{ckpt.WEIGHT_SUFFIX}", f"model.{name}.shira_weight.{adapter_name}",
+                       layer.shira_weight[adapter_name])
+                yield (f"{ckpt.KEY_PREFIX}{name}{ckpt.INDICES_SUFFIX}", None,
+                       layer.shira_indices[adapter_name].to(torch.int32))
         for name, module in self._saved_modules():
             if adapter_name in module.modules_to_save:
-                for k, v in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():  # the live tensors (engines gather them)
-                    out[f"{ckpt.KEY_PREFIX}{name}.{k}"] = v
-        return out
+                for k, v in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                    yield f"{ckpt.KEY_PREFIX}{name}.{k}", f"model.{name}.modules_to_save.{adapter_name}.{k}", v
 
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
                         safe_serialization: bool = True, state_dict: Optional[dict[str, Tensor]] = None) -> None:
         """Write each (selected) adapter in PEFT's format: "default" in ``save_directory``, the
         others in subfolders. ``state_dict``: this model's full state dict (an engine's gathered
-        copy, keys as ``self.state_dict()``), to save its adapter tensors instead of the live ones."""
+        copy, keys as ``self.state_dict()``), to save its adapter tensors instead of the live ones
+        (indices come from the model: they never change)."""
         names = self._check_adapters(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         for name in names:
-            tensors = self.adapter_state_dict(name)
-            if state_dict is not None:
-                tensors = _from_state_dict(tensors, state_dict, self._state_dict_keys(name))
+            tensors = {key: t if own is None or state_dict is None else _entry_of(state_dict, own)
+                       for key, own, t in self._adapter_entries(name)}
             ckpt.write_adapter(save_directory, name, tensors, self.peft_config[name], safe_serialization)
-
-    def _state_dict_keys(self, adapter_name: str) -> dict[str, str]:
-        """adapter checkpoint key -> this module's own state_dict key."""
-        out = {}
-        for name, layer in self.shira_layers():
-            if adapter_name in layer.shira_weight:
-                out[f"{ckpt.KEY_PREFIX}{name}{ckpt.WEIGHT_SUFFIX}"] = f"model.{name}.shira_weight.{adapter_name}"
-        for name, module in self._saved_modules():
-            if adapter_name in module.modules_to_save:
-                for k in module.modules_to_save[adapter_name].state_dict():
-                    out[f"{ckpt.KEY_PREFIX}{name}.{k}"] = f"model.{name}.modules_to_save.{adapter_name}.{k}"
-        return out
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      allow_non_finite: bool = False, hotswap: bool = False,
@@ -633,16 +626,13 @@ def _map_key(key: str, key_mapping: dict[str, str]) -> str:
     return key
 
 
-def _from_state_dict(tensors: dict[str, Tensor], state_dict: dict[str, Tensor], keys: dict[str, str]) -> dict:
-    """The adapter tensors as they stand in ``state_dict`` (keys with any prefix an engine or a
-    wrapper added, e.g. ``base_model.``); indices come from the model (they never change)."""
-    out = dict(tensors)
-    for ckpt_key, own_key in keys.items():
-        hits = [k for k in state_dict if k == own_key or k.endswith("." + own_key)]
-        if len(hits) != 1:
-            raise ValueError(f"state_dict has {len(hits)} entries for {own_key!r} (expected exactly one)")
-        out[ckpt_key] = state_dict[hits[0]]
-    return out
+def _entry_of(state_dict: dict[str, Tensor], own_key: str) -> Tensor:
+    """``own_key``'s tensor in ``state_dict``, whatever prefix an engine or a wrapper added
+    (e.g. ``base_model.``)."""
+    hits = [k for k in state_dict if k == own_key or k.endswith("." + own_key)]
+    if len(hits) != 1:
+        raise ValueError(f"state_dict has {len(hits)} entries for {own_key!r} (expected exactly one)")
+    return state_dict[hits[0]]
 
 
 def _check_hotswap(model: "ShiraModel", adapter_name: str, config: ShiraConfig, loaded, source: str) -> None:
