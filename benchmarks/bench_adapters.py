@@ -6,7 +6,9 @@ Switching: one adapter written into the weights, then the next (unmerge + merge)
 rounds, side by side in one process for
   - one 4096x4096 and one 4096x14336 linear layer (r=32, the paper's per-tensor comparison),
   - the benchmark Llama (hidden 1024, inter 2816, 4 layers, r=32 on all 7 projections),
-for shira_dist (scatter of the entries, W0 kept, bit-exact restore), PEFT LoRA (merge_adapter /
+  - two decoder layers shaped like Llama-3-8B's (hidden 4096, inter 14336, 8 KV heads), whose
+    switch is 1/16 of the whole 8B model's,
+for shira_dist (``switch_adapter``: W0 back at the old entries, the new ones written), PEFT LoRA (merge_adapter /
 unmerge_adapter: a dense W += B@A and back) and PEFT SHiRA (merge_adapter / unmerge_adapter).
 
 Mixed batches: 8 sequences of 128 tokens, each with its own of 4 adapters, through the benchmark
@@ -43,6 +45,17 @@ def _llama():
                                         num_attention_heads=16, num_key_value_heads=16, vocab_size=8000)).eval()
 
 
+def _llama_8b_slice():
+    """Two decoder layers shaped like Llama-3-8B's (hidden 4096, MLP 14336, 8 KV heads): the
+    per-model switch of a 7-8B model is 32 of these layer pairs' worth of the same tensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=1000)).eval()
+
+
 def _two_adapters(method: str, model, targets):
     """The model with adapters "a" and "b" (random values), and a switch function a <-> b."""
     import peft
@@ -69,9 +82,12 @@ def _two_adapters(method: str, model, targets):
     def switch() -> None:
         nxt = "b" if state["current"] == "a" else "a"
         with torch.no_grad():
-            tuner.unmerge_adapter()
-            m.set_adapter(nxt)
-            tuner.merge_adapter() if method == "shira_dist" else tuner.merge_adapter([nxt])
+            if method == "shira_dist":
+                m.switch_adapter(nxt)  # W0 back at a's entries, b's written: one scatter each
+            else:
+                tuner.unmerge_adapter()
+                m.set_adapter(nxt)
+                tuner.merge_adapter([nxt])
         state["current"] = nxt
 
     return switch
@@ -85,7 +101,8 @@ def bench_switch(rounds: int) -> list[dict]:
     for what, build, targets in (
             ("one 4096x4096 tensor", lambda: nn.Sequential(nn.Linear(4096, 4096, bias=False)), ["0"]),
             ("one 4096x14336 tensor", lambda: nn.Sequential(nn.Linear(14336, 4096, bias=False)), ["0"]),
-            ("benchmark Llama (28 tensors)", _llama, TARGETS)):
+            ("benchmark Llama (hidden 1024, 28 tensors)", _llama, TARGETS),
+            ("Llama-3-8B-shaped, 2 layers (14 tensors)", _llama_8b_slice, TARGETS)):
         times = {}
         for method in ("shira_dist", "peft_lora", "peft_shira"):
             torch.manual_seed(0)

@@ -29,14 +29,41 @@ import warnings
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import cpu_sddmm
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+class _Op:
+    """A custom op that eager code calls as the plain function it wraps.
+
+    Outside a trace the dispatcher adds ~50 us per call, more than the kernel of a small
+    layer (a switch of 28 small layers spent a quarter of its time there), and gives nothing
+    these ops need: they hold no autograd formula (the autograd.Functions compose them) and
+    write only tensors their callers own. Under torch.compile, or with any argument a tensor
+    subclass (fake, functional, DTensor), the registered op runs.
+    """
+
+    def __init__(self, name: str, mutates_args: tuple, fn) -> None:
+        self.fn = fn
+        self.op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        self.register_fake = self.op.register_fake
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling() or any(isinstance(a, Tensor) and type(a) not in _PLAIN for a in args):
+            return self.op(*args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+
+def custom_op(name: str, mutates_args: tuple = ()):
+    return lambda fn: _Op(name, mutates_args, fn)
 
 # ---- native CPU kernels (cpu_sddmm.py) ----------------------------------------------------
 
 
-@torch.library.custom_op("shira_dist::native_spmm", mutates_args=())
+@custom_op("shira_dist::native_spmm", mutates_args=())
 def native_spmm(inp: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_cols: int, transposed: bool,
                 scale: float) -> Tensor:
     """inp: (T, n_cols) -> (T, n_rows) = inp @ (s*S)^T; transposed: inp (T, n_rows) -> (T, n_cols)."""
@@ -47,14 +74,14 @@ native_spmm.register_fake(lambda inp, crow, col, values, n_cols, transposed, sca
                           inp.new_empty(inp.shape[0], n_cols if transposed else crow.shape[0] - 1))
 
 
-@torch.library.custom_op("shira_dist::native_spmm_add_", mutates_args=("out",))
+@custom_op("shira_dist::native_spmm_add_", mutates_args=("out",))
 def native_spmm_add_(out: Tensor, inp: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_cols: int,
                      scale: float) -> None:
     """out: (T, n_rows) contiguous += inp (T, n_cols) @ (s*S)^T."""
     cpu_sddmm.spmm(inp, crow, col, values, n_cols, scale=scale, out=out)
 
 
-@torch.library.custom_op("shira_dist::native_sddmm", mutates_args=())
+@custom_op("shira_dist::native_sddmm", mutates_args=())
 def native_sddmm(grad_y: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
     """grad_y: (T, out), x: (T, in) -> (nnz,) row-major."""
     return cpu_sddmm.sddmm(grad_y, x, crow, col)
@@ -63,7 +90,7 @@ def native_sddmm(grad_y: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor
 native_sddmm.register_fake(lambda grad_y, x, crow, col: x.new_empty(col.shape[0]))
 
 
-@torch.library.custom_op("shira_dist::native_scatter_merge_", mutates_args=("weight",))
+@custom_op("shira_dist::native_scatter_merge_", mutates_args=("weight",))
 def native_scatter_merge_(weight: Tensor, crow: Tensor, col: Tensor, values: Tensor, scale: float) -> Tensor:
     """weight: (out, in) contiguous; values: (nnz,) row-major -> W0's entries (nnz,) row-major."""
     originals = weight.new_empty(col.shape[0])
@@ -74,7 +101,7 @@ def native_scatter_merge_(weight: Tensor, crow: Tensor, col: Tensor, values: Ten
 native_scatter_merge_.register_fake(lambda weight, crow, col, values, scale: weight.new_empty(col.shape[0]))
 
 
-@torch.library.custom_op("shira_dist::native_scatter_write_", mutates_args=("weight",))
+@custom_op("shira_dist::native_scatter_write_", mutates_args=("weight",))
 def native_scatter_write_(weight: Tensor, crow: Tensor, col: Tensor, saved: Tensor, values: Optional[Tensor],
                           scale: float) -> None:
     """W[idx] = saved + s*values ("rewrite"), or saved (bit-exact "restore") when values is None."""
@@ -85,7 +112,7 @@ def native_scatter_write_(weight: Tensor, crow: Tensor, col: Tensor, saved: Tens
 # ---- Triton kernels (triton_kernels.py; imported on first use: Triton is optional) ----------
 
 
-@torch.library.custom_op("shira_dist::triton_spmm_add_", mutates_args=("y",))
+@custom_op("shira_dist::triton_spmm_add_", mutates_args=("y",))
 def triton_spmm_add_(y: Tensor, x: Tensor, crow: Tensor, col: Tensor, values: Tensor, scale: float) -> None:
     """y: (T, out) any strides += s * x (T, in) @ S^T."""
     from . import triton_kernels
@@ -93,7 +120,7 @@ def triton_spmm_add_(y: Tensor, x: Tensor, crow: Tensor, col: Tensor, values: Te
     triton_kernels.csr_spmm_add_(y, x, crow, col, values, scale)
 
 
-@torch.library.custom_op("shira_dist::triton_sddmm", mutates_args=())
+@custom_op("shira_dist::triton_sddmm", mutates_args=())
 def triton_sddmm(grad_y: Tensor, x: Tensor, crow: Tensor, rows: Tensor, col: Tensor, blocked: bool) -> Tensor:
     """grad_y: (T, out), x: (T, in); rows, col: (nnz,) row-major -> (nnz,) fp32."""
     from . import triton_kernels
@@ -107,7 +134,7 @@ triton_sddmm.register_fake(lambda grad_y, x, crow, rows, col, blocked:
                            x.new_empty(col.shape[0], dtype=torch.float32))
 
 
-@torch.library.custom_op("shira_dist::triton_scatter_merge_", mutates_args=("weight",))
+@custom_op("shira_dist::triton_scatter_merge_", mutates_args=("weight",))
 def triton_scatter_merge_(weight: Tensor, flat: Tensor, values: Tensor, scale: float) -> Tensor:
     """weight: (out, in) contiguous, flat: (nnz,) int64 positions -> W0's entries (nnz,)."""
     from . import triton_kernels
@@ -118,7 +145,7 @@ def triton_scatter_merge_(weight: Tensor, flat: Tensor, values: Tensor, scale: f
 triton_scatter_merge_.register_fake(lambda weight, flat, values, scale: weight.new_empty(flat.shape[0]))
 
 
-@torch.library.custom_op("shira_dist::triton_scatter_restore_", mutates_args=("weight",))
+@custom_op("shira_dist::triton_scatter_restore_", mutates_args=("weight",))
 def triton_scatter_restore_(weight: Tensor, flat: Tensor, originals: Tensor) -> None:
     from . import triton_kernels
 
@@ -139,7 +166,7 @@ def _csr(crow: Tensor, col: Tensor, vals: Tensor, shape: tuple[int, int]) -> Ten
     return torch.sparse_csr_tensor(crow, col.to(crow.dtype), vals, shape, check_invariants=False)
 
 
-@torch.library.custom_op("shira_dist::sparse_mm_t", mutates_args=())
+@custom_op("shira_dist::sparse_mm_t", mutates_args=())
 def sparse_mm_t(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
     """x: (T, n_cols) @ A^T for A (n_rows, n_cols) = CSR(crow, col, values) -> (T, n_rows)."""
     return torch.sparse.mm(_csr(crow, col, values, (n_rows, n_cols)), x.t()).t()
@@ -149,7 +176,7 @@ def sparse_mm_t(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, n_rows: in
 sparse_mm_t.register_fake(lambda x, crow, col, values, n_rows, n_cols: x.new_empty(n_rows, x.shape[0]).t())
 
 
-@torch.library.custom_op("shira_dist::sparse_sampled_mm", mutates_args=())
+@custom_op("shira_dist::sparse_sampled_mm", mutates_args=())
 def sparse_sampled_mm(grad_y: Tensor, x: Tensor, crow: Tensor, col: Tensor, n_cols: int) -> Tensor:
     """grad_y: (T, n_rows), x: (T, n_cols) -> (nnz,) ``(grad_y^T @ x)`` at the pattern, row-major."""
     zeros = x.new_zeros(col.shape[0])

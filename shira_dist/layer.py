@@ -54,6 +54,13 @@ def _plain(w: Tensor) -> bool:
     return type(w) in (Tensor, nn.Parameter)
 
 
+def _weight_ref(w: Tensor):
+    """A weak reference to a plain weight, the only kind a forward fuses into. None for any
+    other: torch converts a tensor subclass (``.to()``) by swapping it in place, which it
+    refuses while a weak reference to it exists."""
+    return weakref.ref(w) if _plain(w) else lambda: None
+
+
 class ShiraLinear(nn.Module):
     """SHiRA adapter around an ``nn.Linear`` (PEFT's ``peft.tuners.shira.Linear``).
 
@@ -94,7 +101,7 @@ class ShiraLinear(nn.Module):
         self.fusable = True  # False when the weight is shared (tied) with another module
         self._merged = WrittenDeltas()  # what merge() wrote, until unmerge()
         self._fused = WrittenDeltas()  # what the last fused forward wrote
-        self._weight = weakref.ref(base_layer.weight)  # the only tensor a fused forward writes into
+        self._weight = _weight_ref(base_layer.weight)  # the only tensor a fused forward writes into
         self._register_state_dict_hook(_report_unfused_weight)
         self._register_load_state_dict_pre_hook(_unfuse_before_load, with_module=True)
         self.update_layer(adapter_name, mask, r, init_weights=init_weights, indices=indices, csr=csr, pattern=pattern)
@@ -310,7 +317,7 @@ class ShiraLinear(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._weight = weakref.ref(self.base_layer.weight)
+        self._weight = _weight_ref(self.base_layer.weight)
 
     # ---- merge ------------------------------------------------------------------------
     @property
@@ -345,6 +352,17 @@ class ShiraLinear(nn.Module):
         self.check_mergeable("unmerge")
         self.unfuse()
         self._merged.restore(self.base_layer.weight.data)
+
+    def switch(self, adapter_names: list[str]) -> None:
+        """Hold ``adapter_names`` merged instead of what is merged now: W0 back at the current
+        entries, then each new delta written at its own (a scatter each; nothing dense)."""
+        self.check_mergeable("switch")
+        if self._disable_adapters:
+            raise ValueError(f"{self.layer_name}: adapters are disabled; enable them before switching")
+        self.unfuse()
+        self._merged.restore(self.base_layer.weight.data)
+        for name in adapter_names:
+            self._merged.add(self.base_layer.weight.data, self._adapter(name))
 
     def check_mergeable(self, action: str) -> None:
         """Merging writes into the whole base weight: refuse anything but a plain, whole tensor."""

@@ -503,6 +503,21 @@ class ShiraModel(nn.Module):
             if layer.merged:
                 layer.unmerge()
 
+    def switch_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        """Serve other adapters (one, or a set such as separately trained task adapters) from a
+        merged model: each layer puts W0 back at the entries merged now and writes the new
+        adapters' entries, nothing dense is computed or copied, and switching back gives the
+        same weights bit for bit. The new adapters become the active ones, for inference."""
+        names = self._check_adapters([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+        layers = [layer for _, layer in self.shira_layers()]
+        for layer in layers:  # every layer checked before any is written
+            layer.check_mergeable("switch")
+        with torch.no_grad():
+            for layer in layers:
+                layer.switch([n for n in names if n in layer.shira_weight])
+        self._active_adapters = names
+        self._apply_active(inference_mode=True)
+
     def _replace_wrappers(self) -> nn.Module:
         for name, layer in list(self.shira_layers()):
             layer.unfuse()

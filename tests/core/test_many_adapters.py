@@ -169,3 +169,35 @@ def test_hotswap_equals_a_fresh_load_and_switching_leaves_the_base_exact(tmp_pat
         donor.merge_adapter()
     donor.unmerge_adapter()
     assert all(torch.equal(layer.base_layer.weight, base[p]) for p, layer in donor.shira_layers())
+
+
+def test_switch_adapter_equals_merging_it_and_restores_the_base_exactly():
+    """``switch_adapter`` (the adapter bank's switch) leaves the weights bit-identical to
+    unmerging and merging the new adapters, serves them (outputs equal to the unmerged model
+    with them active), works for a set of adapters, and after 100 switches and an unmerge the
+    base weights are bit-identical to the start."""
+    model = _model(("a", "b", "c"))
+    model.eval()
+    layers = dict(model.shira_layers())
+    base = {p: layer.base_layer.weight.detach().clone() for p, layer in layers.items()}
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    model.set_adapter("a")
+    model.merge_adapter()
+    for names in ("b", ["a", "c"], "c", "a"):
+        model.switch_adapter(names)
+        assert model.active_adapters == ([names] if isinstance(names, str) else names)
+        switched = {p: layer.base_layer.weight.detach().clone() for p, layer in layers.items()}
+        with torch.no_grad():
+            served = model(ids).logits
+            model.unmerge_adapter()
+            unmerged = model(ids).logits  # unmerged, same active adapters: the sparse product
+            model.merge_adapter()
+        torch.testing.assert_close(served, unmerged, rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(layer.base_layer.weight, switched[p]) for p, layer in layers.items())
+    for i in range(100):
+        model.switch_adapter("b" if i % 2 else "c")
+    model.unmerge_adapter()
+    assert all(torch.equal(layer.base_layer.weight, base[p]) for p, layer in layers.items())
+    assert all(not layer.shira_weight[n].requires_grad for layer in layers.values() for n in ("a", "b", "c"))
+    with pytest.raises(ValueError, match="unknown adapter 'zz'"):
+        model.switch_adapter("zz")

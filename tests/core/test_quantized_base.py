@@ -241,6 +241,16 @@ def test_shira_on_quantized_base_matches_dense_reference(kind):
     _assert_matches_dense_reference(model, "layers.1.self_attn.v_proj")
 
 
+def test_quantized_then_wrapped_model_converts_with_to():
+    """Quantize, then wrap (the usual order): ``.to()`` still converts the model (torch swaps a
+    tensor subclass in place, which a weak reference to it would block) and outputs stay equal."""
+    model = _shira("torchao_int8")
+    ids = _ids()
+    y = _logits(model, ids)
+    model.to(torch.float32)
+    torch.testing.assert_close(_logits(model, ids), y, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_on_quantized_base(kind, tmp_path):
     """A few fused-AdamW steps (lr 1e-2) on a quantized base: gradients reach the SHiRA values, the

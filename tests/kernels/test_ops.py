@@ -47,11 +47,12 @@ def calls():
 @pytest.mark.parametrize("i", range(14))
 def test_op_passes_opcheck_and_matches_dense(calls, i):
     op, args, returned, first_arg = calls[i]
-    torch.library.opcheck(op, args)
-    args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    out = op(*args)
-    assert (out is None) == (returned is None)
-    if returned is not None:
-        torch.testing.assert_close(out, returned, rtol=1e-5, atol=1e-5)
-    if first_arg is not None:
-        torch.testing.assert_close(args[0], first_arg, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(op.op, args)  # the registered op; eager code calls op.fn directly
+    for call in (op.op, op):  # through the dispatcher, and the eager direct call
+        args = [a.clone() if isinstance(a, torch.Tensor) else a for a in calls[i][1]]
+        out = call(*args)
+        assert (out is None) == (returned is None)
+        if returned is not None:
+            torch.testing.assert_close(out, returned, rtol=1e-5, atol=1e-5)
+        if first_arg is not None:
+            torch.testing.assert_close(args[0], first_arg, rtol=1e-5, atol=1e-5)
