@@ -306,14 +306,19 @@ def measure(args, env: dict) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The benchmark model's shape and batch (shared with bench_checkpointing.py)."""
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--inter", type=int, default=2816)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(ap)
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (rounds with the floor)")
     ap.add_argument("--infer-steps", type=int, default=5, help="timed forwards per inference block")

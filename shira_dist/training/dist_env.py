@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -100,7 +101,14 @@ def init_process_group(env: DistEnv, device: torch.device, backend: str, timeout
 
 
 def destroy_process_group() -> None:
-    if dist.is_initialized():
+    """Tear down the process group, and DeepSpeed's references to it when DeepSpeed ran here:
+    torch's own teardown leaves those behind, and a later run in this process would use them."""
+    if not dist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")  # the module whose global cdb DeepSpeed sets
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None and ds_comm.cdb.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

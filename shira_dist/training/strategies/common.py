@@ -5,7 +5,10 @@ whose bodies would otherwise repeat in every strategy (no strategy derives from 
     parameter_names(shira, params)         their names in the ShiraModel, in order
     clip_grad_norm(params, max_norm)       the global norm before clipping, the same on every rank
     sum_over_ranks(tensor, device)         an all-reduce; returned on the CPU
+    adapter_tensors(model, name)           the adapter's tensors on rank 0 (SHiRA gathered; or PEFT's LoRA)
     adapters_in_sync(model)                rank 0's indices and values everywhere (blake2b digests)
+    enable_gradient_checkpointing(model)   training.gradient_checkpointing: recompute each decoder layer
+                                           in backward (every strategy calls it before wrapping/sharding)
     ensure_process_group(device)           a one-rank group for engines started by one process
     named_optimizer_state / load_named_optimizer_state
                                            by-name optimizer state (to_named / from_named), whole tensors:
@@ -28,9 +31,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ...distributed import MaskMismatchError, check_adapters_consistent, gather_adapter_state_dict
+from ...distributed import (MaskMismatchError, check_adapters_consistent, gather_adapter_state_dict,
+                           rank_and_world)
 from ...model import ShiraModel
 from ..dist_env import barrier
+from ..lora_baseline import lora_replicas_in_sync, lora_state_dict, unwrap_lora_model
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -64,13 +69,49 @@ def sum_over_ranks(tensor: Tensor, device: torch.device) -> Tensor:
     return reduced.cpu()
 
 
+def adapter_tensors(model: nn.Module, adapter_name: str) -> Optional[dict[str, Tensor]]:
+    """The adapter's tensors under PEFT's keys on rank 0 (collective; None elsewhere). PEFT's LoRA
+    baseline (adapter lora/dora, replicated strategies only) is copied from rank 0's own model."""
+    if unwrap_lora_model(model) is None:
+        return gather_adapter_state_dict(model, adapter_name)
+    return lora_state_dict(model, adapter_name) if rank_and_world()[0] == 0 else None
+
+
 def adapters_in_sync(model: nn.Module) -> bool:
     """Indices and (gathered) values bit-identical on every rank (True without a process group)."""
+    if unwrap_lora_model(model) is not None:
+        return lora_replicas_in_sync(model)
     try:
         check_adapters_consistent(model, values=True)
     except MaskMismatchError:
         return False
     return True
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing per decoder layer: Hugging Face's own switch on the transformers model
+    inside ``model`` (its GradientCheckpointingLayer blocks), non-reentrant.
+
+    transformers checkpoints each layer's ``forward``, not its ``__call__``: the layer's own hooks
+    stay outside the checkpoint, as with torch's checkpoint_wrapper applied before fully_shard, so
+    FSDP2 gathers a layer once for its forward and once (pre-backward) for its recomputation and
+    backward. Non-reentrant (use_reentrant=False) because: gradients reach the SHiRA values inside
+    a layer whose input does not require grad (frozen base, frozen embeddings); the recomputation
+    runs the hooks of the modules inside the layer again, which DeepSpeed ZeRO-3 needs (they gather
+    the partitioned weights again); and it is the mode torch recommends, and supports with DDP and
+    FSDP2 (reentrant checkpointing would also need every layer input to require grad). The module tree and parameter names stay as they are (a wrapper
+    module would rename every checkpointed tensor, hence every checkpoint key). Called before any
+    wrapping or sharding. SHiRA's fused mode writes the same W0 + s*values again in the
+    recomputation (no optimizer step lies between a forward and its backward), so the gradients are
+    those of the run without checkpointing (tests/training/test_gradient_checkpointing.py)."""
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None or not hf.supports_gradient_checkpointing:
+        what = type(hf if hf is not None else model).__name__
+        raise ValueError(f"training.gradient_checkpointing=true: {what} does not support activation checkpointing "
+                         "(supports_gradient_checkpointing is False); set training.gradient_checkpointing=false")
+    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -116,6 +157,11 @@ class StrategyBasics:
     def model_construction(self) -> ContextManager:
         return contextlib.nullcontext()
 
+    def checkpoint_activations(self, model: nn.Module) -> None:
+        """training.gradient_checkpointing: switched on here, at the start of setup (before any wrapping)."""
+        if self.cfg.training.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 
@@ -140,7 +186,7 @@ class TorchOptimizerSteps:
 
     def adapter_state_dict(self, adapter_name: str) -> Optional[dict[str, Tensor]]:
         """The adapter's tensors under PEFT's keys on rank 0 (collective; None elsewhere)."""
-        return gather_adapter_state_dict(self.model, adapter_name)
+        return adapter_tensors(self.model, adapter_name)
 
     def optimizer_state_dict(self) -> Optional[dict]:
         """Whole optimizer state by parameter name on rank 0 (collective: shards are gathered)."""

@@ -148,6 +148,7 @@ class DeepSpeedStrategy(StrategyBasics, RankCollectives):
 
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
         _name_cpu_accelerator(self.device)
+        self.checkpoint_activations(model)
         ensure_process_group(self.device)
         sync_adapters(model)
         self.shira: ShiraModel = model

@@ -1,6 +1,8 @@
 """``distributed.strategy: fsdp``: FSDP2 over the ShiraModel, one unit per decoder layer + root.
 
-    setup       sync_adapters (rank 0's mask and values everywhere, hash-checked), then
+    setup       training.gradient_checkpointing: each decoder layer's forward checkpointed (before
+                fully_shard, so FSDP2's hooks stay outside it: common.enable_gradient_checkpointing);
+                sync_adapters (rank 0's mask and values everywhere, hash-checked), then
                 shard_fsdp2: frozen base and SHiRA values sharded (rows / world per rank);
                 AdamW over the sharded values (created after sharding)
     no_sync     set_requires_gradient_sync(False) on the accumulation micro-batches
@@ -31,6 +33,7 @@ class FsdpStrategy(StrategyBasics, TorchOptimizerSteps, RankCollectives):
 
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
         ensure_process_group(self.device)
+        self.checkpoint_activations(model)
         sync_adapters(model)
         options = self.cfg.distributed.fsdp
         shard_fsdp2(model, reshard_after_forward=options.reshard_after_forward, cpu_offload=options.cpu_offload)

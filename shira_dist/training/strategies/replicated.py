@@ -5,6 +5,7 @@
              (sync_adapters; a mask drawn with random_seed=None, or a data-driven one, differs
              per rank otherwise), then gradients are averaged; only SHiRA values and
              modules_to_save copies are trainable
+             (adapter lora/dora: PEFT's LoRA model, rank 0's A/B/magnitudes broadcast)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from ...distributed import sync_adapters
 from ...model import ShiraModel
+from ..lora_baseline import broadcast_lora, unwrap_lora_model
 from .common import OptimizerFactory, RankCollectives, StrategyBasics, TorchOptimizerSteps, trainable_parameters
 
 
@@ -28,6 +30,7 @@ class SingleStrategy(StrategyBasics, TorchOptimizerSteps):
 
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
         self.shira: ShiraModel = model
+        self.checkpoint_activations(model)
         self.model: nn.Module = model
         self.params = trainable_parameters(model)
         self.optimizer = make_optimizer(self.params)
@@ -55,7 +58,11 @@ class DdpStrategy(StrategyBasics, TorchOptimizerSteps, RankCollectives):
     def setup(self, model: ShiraModel, make_optimizer: OptimizerFactory) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        sync_adapters(model, broadcast=True)
+        self.checkpoint_activations(model)
+        if unwrap_lora_model(model) is not None:  # PEFT's LoRA baseline: no mask, rank 0's A and B
+            broadcast_lora(model, self.device)
+        else:
+            sync_adapters(model, broadcast=True)
         self.shira: ShiraModel = model
         self.params = trainable_parameters(model)
         self.optimizer = make_optimizer(self.params)
