@@ -44,6 +44,7 @@ from ..targeting import find_targets
 from .batches import BatchPlan, Objective, collate
 from .dist_env import DistEnv, local_main_first
 from .errors import ConfigError
+from .lora_baseline import build_lora_adapter
 from .schema import ModelConfig, RunConfig, ShiraSection, TaskConfig
 
 if TYPE_CHECKING:
@@ -333,7 +334,9 @@ def calibration_batches(count: int, plan: BatchPlan, train, objective: Objective
 def build_adapter(base: nn.Module, cfg: RunConfig, resume_dir: Optional[str], calibration: Optional[list[dict]],
                   objective: Objective) -> PeftModel:
     """A new adapter from cfg.shira (a data-driven mask scored on ``calibration``), or the adapter saved in
-    ``resume_dir`` (trainable)."""
+    ``resume_dir`` (trainable). adapter lora/dora: PEFT's own model (lora_baseline.py)."""
+    if cfg.adapter != "shira":
+        return build_lora_adapter(base, cfg, resume_dir)
     if resume_dir is not None:
         return PeftModel.from_pretrained(base, resume_dir, is_trainable=True)
     check_adapter_fits(base, cfg.shira)

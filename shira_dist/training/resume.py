@@ -33,6 +33,7 @@ from .config import config_to_yaml
 from .dist_env import DistEnv
 from .errors import ConfigError, RunFailed
 from .loop import LoopState
+from .lora_baseline import lora_resume_expectations
 from .report import log
 from .schema import RunConfig
 from .strategies import TrainingStrategy
@@ -102,15 +103,17 @@ def completed_run(output_dir: str) -> Optional[dict]:
     return None
 
 
-def check_resume_matches(directory: str, shira: dict) -> None:
+def check_resume_matches(directory: str, expected: list[tuple[str, object, str, object]]) -> None:
     """The checkpoint's adapter must be the one the config asks for (else resuming would
-    silently train a different adapter than configured)."""
+    silently train a different adapter than configured). ``expected``: (adapter_config.json key,
+    the value needed, the config key, its value)."""
     with open(os.path.join(directory, "adapter_config.json")) as f:
         saved = json.load(f)
-    for key, wanted in shira.items():
+    for key, wanted, config_key, config_value in expected:
         if saved.get(key) != wanted:
             raise ValueError(f"{directory} holds an adapter with {key}={saved.get(key)!r}, but the config asks for "
-                             f"shira.{key}={wanted!r}; use another output_dir, or training.resume=never to start over")
+                             f"{config_key}={config_value!r}; use another output_dir, or training.resume=never to "
+                             "start over")
 
 
 def check_resume(cfg: RunConfig) -> None:
@@ -132,9 +135,14 @@ def check_resume(cfg: RunConfig) -> None:
     if step is not None and (step > tr.max_steps or explicit and step == tr.max_steps):
         raise ValueError(f"{point.directory} is at step {step}, training.max_steps={tr.max_steps}: nothing to train; "
                          "raise training.max_steps, or set training.resume=never to start over")
+    if cfg.adapter != "shira":
+        check_resume_matches(point.directory, lora_resume_expectations(cfg))
+        return
     s = cfg.shira
-    check_resume_matches(point.directory, {"r": s.r, "mask_type": s.mask_type, "random_seed": s.random_seed,
-                                           "target_modules": s.target_modules, "modules_to_save": s.modules_to_save})
+    check_resume_matches(point.directory, [("peft_type", "SHIRA", "adapter", cfg.adapter)] + [
+        (key, value, f"shira.{key}", value) for key, value in (
+            ("r", s.r), ("mask_type", s.mask_type), ("random_seed", s.random_seed),
+            ("target_modules", s.target_modules), ("modules_to_save", s.modules_to_save))])
 
 
 # ---- claiming output_dir (rank 0) --------------------------------------------------------------------
