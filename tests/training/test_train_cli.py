@@ -90,10 +90,10 @@ def test_sharded_strategies_are_available_and_still_fail_fast(tmp_path, strategy
 
 def test_shira_dist_console_command(tmp_path):
     usage = _run([str(SHIRA_DIST)])
-    assert usage.returncode == 2 and "shira-dist {train}" in usage.stdout
+    assert usage.returncode == 2 and "shira-dist {train,merge,generate,eval}" in usage.stdout
     bad = _run([str(SHIRA_DIST), "train", "--config", TINY, f"output_dir={tmp_path}/o", "training.bogus=1"])
     assert bad.returncode == 2 and "shira-dist train: error: unknown key 'training.bogus'" in bad.stderr
     unknown = _run([str(SHIRA_DIST), "fly"])
-    assert unknown.returncode == 2 and "unknown command 'fly'; commands: ['train']" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown command 'fly'; commands: ['train', 'merge', 'generate', 'eval']" in unknown.stderr
     missing = _run([str(SHIRA_DIST), "train", "--config", str(tmp_path / "none.yaml")])
     assert missing.returncode == 2 and "no such file" in missing.stderr
