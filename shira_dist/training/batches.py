@@ -2,8 +2,10 @@
 
 Encoding (run by ``datasets.map``, batched), per task:
 
-    causal_lm                input_ids = prompt [+ response] + eos
+    causal_lm                template rows (task.format template, or auto finding no other format):
+                             input_ids = prompt [+ response] + eos
                              targets   = input_ids, or -100 over the prompt when a response is given
+                             messages, sharegpt, alpaca, prompt_completion: formats.py
     lm_classification        input_ids = prompt; class_index = the label's position in task.labels
                              (the model's next token after the prompt should be label_words[class_index])
     sequence_classification  input_ids = prompt (with the tokenizer's special tokens); class_index
@@ -46,17 +48,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, DataError
+from .formats import IGNORE, FormatEncoder, format_fields, resolve_format
+from .formats import check_row as check_format_row
 from .schema import TaskConfig
 
 if TYPE_CHECKING:
     from .models import Tokenizer
 
-IGNORE = -100  # target id that takes no loss
-
 
 # ---- the fields a task reads -----------------------------------------------------------
-def task_fields(task: TaskConfig) -> dict[str, str]:
-    """Field -> what reads it (template fields, and the label field of a classification task)."""
+def task_fields(task: TaskConfig, example_format: str = "template") -> dict[str, str]:
+    """Field -> what reads it (template fields, and the label field of a classification task; or the
+    fields of another task.format)."""
+    if example_format != "template":
+        return format_fields(example_format)
     out = {}
     for key, template in (("task.prompt_template", task.prompt_template),
                           ("task.response_template", task.response_template)):
@@ -68,9 +73,13 @@ def task_fields(task: TaskConfig) -> dict[str, str]:
     return out
 
 
-def check_row(row: dict, task: TaskConfig, where: str, fields: Optional[dict[str, str]] = None) -> None:
+def check_row(row: dict, task: TaskConfig, where: str, fields: Optional[dict[str, str]] = None,
+              example_format: str = "template") -> None:
     """One example: every field the task reads (``fields``: task_fields(task)) has a value, and a
-    label is one of task.labels."""
+    label is one of task.labels (another ``example_format``: formats.check_row)."""
+    if example_format != "template":
+        check_format_row(row, example_format, task, where)
+        return
     for name, reader in (fields if fields is not None else task_fields(task)).items():
         if row.get(name) is None:
             state = "is missing" if name not in row else "is empty (null)"
@@ -99,7 +108,11 @@ def label_token_ids(task: TaskConfig, tokenizer: Tokenizer) -> Optional[list[int
 
 
 def check_template_fits(task: TaskConfig, tokenizer: Tokenizer) -> None:
-    """The prompt template alone (every field empty) must leave room for an example in max_length."""
+    """The prompt template alone (every field empty) must leave room for an example in max_length;
+    a chat task.format needs a tokenizer with a chat template."""
+    FormatEncoder(task, tokenizer).check_tokenizer(task.format)
+    if task.format not in ("auto", "template"):
+        return
     empty = {name: "" for name in task_fields(task)}
     n = len(tokenizer.encode(task.prompt_template.format(**empty), add_special_tokens=True))
     if n >= task.max_length:
@@ -118,6 +131,15 @@ class ExampleEncoder:
         self.label_index = {str(v): i for i, v in enumerate(task.labels or [])}
         self.prompt_fields = sorted({f for _, f, _, _ in string.Formatter().parse(task.prompt_template) if f})
         self.fields = task_fields(task)
+        self.formats = FormatEncoder(task, tokenizer)
+        self.fingerprint = self.formats.fingerprint  # the tokenizer and its chat template (keys data caches)
+
+    def example_format(self, columns) -> str:
+        """task.format for rows with these columns (auto resolved); a ConfigError when the tokenizer cannot
+        render it."""
+        fmt = resolve_format(self.task, columns)
+        self.formats.check_tokenizer(fmt)
+        return fmt
 
     def _fit_prompt(self, row: dict) -> list[int]:
         t, tok = self.task, self.tokenizer
@@ -143,12 +165,19 @@ class ExampleEncoder:
         t, tok = self.task, self.tokenizer
         n = len(next(iter(batch.values())))
         rows = [{k: batch[k][i] for k in batch} for i in range(n)]
-        for i, row in enumerate(rows):
-            check_row(row, t, f"row {indices[i] + 1 if indices is not None else i + 1}", self.fields)
+        fmt = self.example_format(list(batch))
+        wheres = [f"row {indices[i] + 1 if indices is not None else i + 1}" for i in range(n)]
+        for row, where in zip(rows, wheres):
+            check_row(row, t, where, self.fields, example_format=fmt)
         out: dict[str, list] = {"input_ids": []}
         if t.type == "causal_lm":
             out["targets"] = []
-            for row in rows:
+            for row, where in zip(rows, wheres):
+                if fmt != "template":
+                    ids, targets = self.formats.encode(row, fmt, where)
+                    out["input_ids"].append(ids)
+                    out["targets"].append(targets)
+                    continue
                 clean = {k: "" if v is None else str(v) for k, v in row.items()}
                 prompt = tok.encode(t.prompt_template.format(**clean), add_special_tokens=True)
                 eos = [tok.eos_id] if tok.eos_id is not None else []
@@ -212,9 +241,10 @@ class BatchPlan:
 
 def collate(examples: list[dict], pad_id: int, left_pad: bool) -> dict[str, Tensor]:
     """Pad to the longest example. Returns input_ids/attention_mask (B, T) and either
-    targets (B, T) (causal LM, IGNORE on padding) or label (B,) (from class_index)."""
+    targets (B, T) (causal LM, IGNORE on padding) or label (B,) (from class_index); packed rows
+    (packing.py) also position_ids (B, T), the padding numbered from 0 as a segment of its own."""
     longest = max(len(e["input_ids"]) for e in examples)
-    ids, mask, targets = [], [], []
+    ids, mask, targets, positions = [], [], [], []
     for e in examples:
         n = len(e["input_ids"])
         pad = longest - n
@@ -222,7 +252,11 @@ def collate(examples: list[dict], pad_id: int, left_pad: bool) -> dict[str, Tens
         mask.append([0] * pad + [1] * n if left_pad else [1] * n + [0] * pad)
         if "targets" in e:
             targets.append(e["targets"] + [IGNORE] * pad)
+        if "position_ids" in e:
+            positions.append(list(e["position_ids"]) + list(range(pad)))
     out = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+    if positions:
+        out["position_ids"] = torch.tensor(positions, dtype=torch.long)
     if targets:
         out["targets"] = torch.tensor(targets, dtype=torch.long)
     else:
@@ -237,12 +271,13 @@ class Objective:
     label_token_ids: Optional[Tensor]  # (C,) lm_classification only
     pass_position_ids: bool  # the model's forward takes position_ids (left padding needs them)
     pass_logits_to_keep: bool  # the model's forward takes logits_to_keep (skip unused logits)
+    pass_use_cache: bool = False  # the model's forward takes use_cache (passed False: no KV cache in training)
 
     @classmethod
     def for_model(cls, task_type: str, model: nn.Module, label_token_ids: Optional[list[int]]) -> "Objective":
         params = inspect.signature(model.forward).parameters
         ids = None if label_token_ids is None else torch.tensor(label_token_ids, dtype=torch.long)
-        return cls(task_type, ids, "position_ids" in params, "logits_to_keep" in params)
+        return cls(task_type, ids, "position_ids" in params, "logits_to_keep" in params, "use_cache" in params)
 
     @property
     def left_pad(self) -> bool:
@@ -256,7 +291,16 @@ class Objective:
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """(summed loss (scalar fp32), number of correct predictions (scalar) or None)."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.pass_use_cache:  # a decoder builds no KV cache (and checkpointed layers need none)
+            inputs["use_cache"] = False
         if self.task_type == "causal_lm":
+            if "position_ids" in batch:  # packed rows (packing.py): no attention_mask, so transformers
+                # builds the block-diagonal mask from the position restarts (and only without a cache)
+                if not self.pass_position_ids:
+                    raise ConfigError("task.packing=true needs a model whose forward takes position_ids; "
+                                      "this one's does not: set task.packing=false")
+                del inputs["attention_mask"]
+                inputs["position_ids"] = batch["position_ids"]
             logits = model(**inputs).logits  # (B, T, V)
             targets = batch["targets"][:, 1:]
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,

@@ -21,6 +21,9 @@ import yaml
 
 from ..masks import CALIBRATED_MASKS
 from .errors import ConfigError
+from .formats import templates_set
+from .lora_baseline import check_lora_config
+from .quantize import check_quantization
 from .schema import RunConfig
 
 __all__ = ["ConfigError", "load_run_config", "config_from_dict", "config_to_yaml"]
@@ -183,6 +186,13 @@ def check_run_config(cfg: RunConfig) -> None:
     if t.response_template is not None:
         _require(t.type == "causal_lm", f"task.response_template is for task.type='causal_lm', not {t.type!r}")
         _template_fields(t.response_template, "task.response_template")
+    if t.format not in ("auto", "template"):
+        _require(t.type == "causal_lm", f"task.format={t.format!r} is for task.type='causal_lm'; task.type={t.type!r} "
+                                        "reads template rows (task.format auto or template, with task.prompt_template "
+                                        "and task.label_field)")
+        _require(not templates_set(t), f"task.prompt_template/response_template are read by task.format 'template' "
+                                       f"only, but task.format={t.format!r} renders rows itself: remove them, or set "
+                                       "task.format: template")
     if t.type == "causal_lm":
         _require(t.labels is None and t.label_words is None,
                  "task.labels/label_words are for classification tasks, not task.type='causal_lm'")
@@ -195,6 +205,21 @@ def check_run_config(cfg: RunConfig) -> None:
     elif t.label_words is not None:
         _require(False, f"task.label_words is only for task.type='lm_classification', not {t.type!r}")
     _require(t.max_length >= 4, f"task.max_length={t.max_length} is invalid: must be >= 4")
+    _require(not t.packing or t.type == "causal_lm",
+             f"task.packing=true is for task.type='causal_lm' (several examples per row), not {t.type!r}: "
+             "classification scores one example per row; set task.packing=false")
+    if t.sample_prompts:
+        _require(t.type == "causal_lm", f"task.sample_prompts is for task.type='causal_lm' (generated answers), "
+                                        f"not {t.type!r}; remove it")
+        _require(all(isinstance(p, str) and p.strip() for p in t.sample_prompts),
+                 f"task.sample_prompts={t.sample_prompts!r} is invalid: every prompt must be non-empty text")
+        _require(cfg.distributed.strategy in ("single", "ddp"),
+                 f"task.sample_prompts needs distributed.strategy single or ddp (rank 0 generates alone), not "
+                 f"{cfg.distributed.strategy!r}: a sharded model generates only with every rank; remove the prompts")
+        _require(cfg.model.tokenizer != "bytes", "task.sample_prompts needs a transformers tokenizer, not "
+                                                 "model.tokenizer='bytes'")
+    _require(t.sample_max_new_tokens >= 1,
+             f"task.sample_max_new_tokens={t.sample_max_new_tokens} is invalid: must be >= 1")
 
     if d.prepare is not None:
         _require(not d.train_files and not d.eval_files,
@@ -237,6 +262,8 @@ def check_run_config(cfg: RunConfig) -> None:
     _require(not (dist.zero_init is True and s.mask_type in CALIBRATED_MASKS),
              f"distributed.zero_init=true with shira.mask_type={s.mask_type!r} is invalid: data-driven masks score "
              "the whole model before it is sharded; use zero_init auto/false (the model is then built whole first)")
+    check_quantization(cfg)
+    check_lora_config(cfg)
 
 
 def _absolute(path: str | None) -> str | None:

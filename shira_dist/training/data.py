@@ -4,9 +4,11 @@
               e.g. .jsonl.gz) unless ``data.format`` says otherwise
     checks    (preflight, before any process group; and after a failed load)
               file   not empty; a csv has a header and at least one row; the columns the task reads
-                     (prompt/response template fields, task.label_field) exist
+                     (prompt/response template fields, task.label_field; or those of task.format,
+                     resolved against the columns when auto: formats.py) exist
               rows   the first SAMPLE_ROWS rows of each file: valid JSON (file and line), every field
-                     the templates read present and not null, the label one of task.labels
+                     the templates read present and not null, the label one of task.labels; a
+                     chat/alpaca/prompt-completion row well-formed (formats.check_row)
               count  enough training examples for one global batch (counted only that far)
     load      datasets.load_dataset("json"|"csv"|...), then .map(encoder, batched) with a
               fingerprint from the data, the task and the tokenizer, so a second run (or another
@@ -35,6 +37,8 @@ from typing import Iterator, Optional
 from .batches import ExampleEncoder, check_row, has_targets, task_fields
 from .dist_env import DistEnv, local_main_first
 from .errors import DataError
+from .formats import resolve_format
+from .packing import pack_dataset
 from .prepare import prepare_data
 from .schema import DataConfig, RunConfig, TaskConfig
 
@@ -180,7 +184,8 @@ def _parquet_rows(path: str, task: TaskConfig, limit: Optional[int]) -> Iterator
 
 
 def _check_columns(path: str, columns: list[str], task: TaskConfig) -> None:
-    missing = [f"{name!r} ({reader})" for name, reader in task_fields(task).items() if name not in columns]
+    fields = task_fields(task, resolve_format(task, columns))
+    missing = [f"{name!r} ({reader})" for name, reader in fields.items() if name not in columns]
     if missing:
         raise DataError(f"{path} has no column {', '.join(missing)}; its columns: {list(columns)}")
 
@@ -192,11 +197,13 @@ def iter_rows(path: str, fmt: str, task: TaskConfig, limit: Optional[int] = None
         return
     rows = {"json": lambda: _json_rows(path), "csv": lambda: _csv_rows(path, task),
             "text": lambda: _text_rows(path, task)}[fmt]()
+    example_format = None  # task.format, resolved against the first row's fields
     try:
         for n, (where, row) in enumerate(rows):
             if limit is not None and n >= limit:
                 return
-            check_row(row, task, f"{path} {where}")
+            example_format = example_format or resolve_format(task, list(row))
+            check_row(row, task, f"{path} {where}", example_format=example_format)
             yield where, row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -287,20 +294,21 @@ def load_examples(files: list[str], fmt: Optional[str], cache_dir: str, limit: O
     return ds
 
 
-def _check_dataset_columns(ds, task: TaskConfig, files: list[str]) -> None:
-    missing = sorted(set(task_fields(task)) - set(ds.column_names))
+def _check_dataset_columns(ds, encoder: ExampleEncoder, files: list[str]) -> None:
+    fields = task_fields(encoder.task, encoder.example_format(ds.column_names))
+    missing = sorted(set(fields) - set(ds.column_names))
     if missing:
+        readers = sorted({fields[name] for name in missing})
         raise DataError(f"data {files[0]!r}{' (and others)' if len(files) > 1 else ''} has no column(s) {missing} "
-                         f"used by the task (prompt_template/response_template/label_field); "
-                         f"its columns: {ds.column_names}")
+                         f"used by the task ({', '.join(readers)}); its columns: {ds.column_names}")
 
 
 def tokenize(ds, encoder: ExampleEncoder, files: list[str], split: str):
     """``ds`` mapped through ``encoder``; cached next to the raw data under a stable fingerprint."""
     from datasets.fingerprint import Hasher
 
-    _check_dataset_columns(ds, encoder.task, files)
-    key = Hasher.hash([ds._fingerprint, dataclasses.asdict(encoder.task), encoder.tokenizer.fingerprint, "v3"])
+    _check_dataset_columns(ds, encoder, files)
+    key = Hasher.hash([ds._fingerprint, dataclasses.asdict(encoder.task), encoder.fingerprint, "v3"])
     try:
         out = ds.map(encoder, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
                      new_fingerprint=key, desc=f"tokenizing {split}")
@@ -340,6 +348,12 @@ def load_data(cfg: RunConfig, encoder: ExampleEncoder, env: DistEnv) -> RunData:
             datasets.disable_progress_bars()
         train = tokenize(load_examples(train_files, d.format, d.cache_dir, d.max_train_examples, cfg.task), encoder,
                          train_files, "train")
+        if cfg.task.packing:  # training rows only: evaluation scores one example per row
+            examples = len(train)
+            train = pack_dataset(train, cfg.task.max_length)
+            if env.is_main:
+                print(f"[shira_dist] train: task.packing packed {examples} examples into {len(train)} rows of up to "
+                      f"task.max_length={cfg.task.max_length} tokens", flush=True)
         evaluation = None
         if eval_files:
             evaluation = tokenize(load_examples(eval_files, d.format, d.cache_dir, d.max_eval_examples, cfg.task),

@@ -2,7 +2,8 @@
 
     preflight (train.py) ─► process group ─► output_dir claimed, resume point ─► strategy
         ─► model + tokenizer ─► data (prepared, tokenized, cached) ─► SHiRA adapter (new, or from
-        the checkpoint) ─► optimizer + schedule ─► loop state (restored or fresh) ─► eval before
+        the checkpoint; adapter lora/dora: PEFT's, lora_baseline.py) ─► optimizer + schedule
+        ─► loop state (restored or fresh) ─► eval before
         ─► train loop (log / eval / checkpoint) ─► final adapter ─► eval after ─► metrics.json
         ─► "where everything went"
 
@@ -28,10 +29,13 @@ from .data import RunData, load_data
 from .dist_env import DistEnv, destroy_process_group, init_process_group, pick_device
 from .errors import DataError, disk_full, termination_signals
 from .loop import LoopContext, LoopState, evaluate_and_track, make_scheduler, train_loop
+from .lora_baseline import lora_log_line, lora_summary
 from .models import build_adapter, calibration_batches, load_model
+from .quantize import float_base_eval, quantization_report, quantize_base, report_line
 from .report import (Progress, RunRecord, adapter_summary, eval_line, log, make_tracker, tracker_summary,
                      where_everything_went)
 from .resume import claim_output_dir, start_state
+from .samples import greedy_answers, read_samples, sample_lines, uses_chat_template, write_samples
 from .schema import RunConfig, TrainingConfig
 from .strategies import make_strategy
 
@@ -94,6 +98,8 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device, record: RunRecord) 
                       plan=plan, train_data=data.train, eval_data=data.evaluation, pad_id=tokenizer.pad_id,
                       autocast=_autocast(precision, device), tracker=tracker, save_checkpoint=checkpointer.save)
 
+    if state.step == 0:
+        _samples(ctx, tokenizer, "before")
     _eval_before(ctx, state)
     record.write("running")
     progress = Progress(tr.max_steps, state.step, tr.progress_bar, env.is_main)
@@ -103,6 +109,7 @@ def _run(cfg: RunConfig, env: DistEnv, device: torch.device, record: RunRecord) 
         progress.close()
     if state.step < tr.max_steps:  # stop_after_step: the checkpoint is written, a later run resumes
         return _stopped(ctx, state, record)
+    _samples(ctx, tokenizer, "after")
     return _completed(ctx, state, record, checkpointer, data, model_dir)
 
 
@@ -141,7 +148,8 @@ def _batch_plan(cfg: RunConfig, env: DistEnv, data: RunData) -> BatchPlan:
     except ValueError as e:
         raise DataError(str(e)) from None
     held_out = len(data.evaluation) if data.evaluation is not None else 0
-    log(env, f"data: {len(data.train)} training examples, {held_out} held out; "
+    unit = "packed training rows" if cfg.task.packing else "training examples"
+    log(env, f"data: {len(data.train)} {unit}, {held_out} held out; "
              f"global batch {plan.global_batch}, {plan.steps_per_epoch} steps per epoch")
     return plan
 
@@ -155,7 +163,16 @@ def _adapter(cfg: RunConfig, env: DistEnv, device: torch.device, base: torch.nn.
         base.to(device)
         calibration = calibration_batches(cfg.shira.calibration_batches, plan, data.train, objective, pad_id,
                                           env.rank, device)
-    shira = build_adapter(base, cfg, resume_dir, calibration, objective).to(device)
+    shira = build_adapter(base, cfg, resume_dir, calibration, objective)
+    if cfg.model.quantization is not None:  # after the mask is scored on the float weights (quantize.py)
+        quantized = quantize_base(shira, cfg.model.quantization)
+        log(env, f"base quantized ({cfg.model.quantization}): {len(quantized)} linear layers; lm_head, embeddings "
+                 "and modules_to_save stay float")
+    shira = shira.to(device)
+    if cfg.adapter != "shira":  # PEFT's LoRA/DoRA baseline
+        adapter = lora_summary(shira, cfg)
+        log(env, lora_log_line(adapter, cfg))
+        return shira, adapter
     adapter = adapter_summary(shira)
     log(env, f"SHiRA adapter: {adapter['num_layers']} layers, {adapter['nnz']:,d} trainable entries "
              f"(density {adapter['density']:.4%} of the targeted weights), "
@@ -174,6 +191,21 @@ def _eval_before(ctx: LoopContext, state: LoopState) -> None:
         state.eval_before = evaluate_and_track(ctx, step=0)
         if state.eval_before is not None and ctx.env.is_main:
             print(eval_line("before training", state.eval_before), flush=True)
+
+
+def _samples(ctx: LoopContext, tokenizer, when: str) -> None:
+    """task.sample_prompts answered greedily by rank 0, logged and kept in samples.json (samples.py)."""
+    task, out = ctx.cfg.task, ctx.cfg.output_dir
+    if not task.sample_prompts or not ctx.env.is_main:
+        return
+    chat = uses_chat_template(task, tokenizer.hf)
+    model = getattr(ctx.strategy.model, "module", ctx.strategy.model)  # DDP's module: rank 0 alone
+    answers = greedy_answers(model, tokenizer.hf, task.sample_prompts, chat, task.sample_max_new_tokens, ctx.device,
+                             ctx.autocast)
+    document = (read_samples(out) or {}) if when == "after" else {}
+    write_samples(out, {**document, "prompts": task.sample_prompts, "rendered_with_chat_template": chat,
+                        when: answers})
+    print(sample_lines(when, task.sample_prompts, answers), flush=True)
 
 
 def _stopped(ctx: LoopContext, state: LoopState, record: RunRecord) -> Optional[dict]:
@@ -195,13 +227,19 @@ def _completed(ctx: LoopContext, state: LoopState, record: RunRecord, checkpoint
     env, strategy, tracker, out = ctx.env, ctx.strategy, ctx.tracker, ctx.cfg.output_dir
     final_dir = checkpointer.save_final()
     eval_after = evaluate_and_track(ctx, state.step)
+    extra = {}
+    if ctx.cfg.model.quantization is not None:  # the saved adapter on the float base it is meant for
+        extra["quantization"] = quantization_report(ctx.cfg.model.quantization, strategy.model, eval_after,
+                                                    float_base_eval(ctx, final_dir, model_dir))
+        if env.is_main:
+            print(report_line(extra["quantization"]), flush=True)
     in_sync = strategy.replicas_in_sync()
     if not in_sync:
         log(env, "warning: the ranks' adapter tensors differ at the end of training (replicas diverged)")
     strategy.barrier()
     if not env.is_main:
         return None
-    document = record.write("completed", eval_after, replicas_in_sync=in_sync)
+    document = record.write("completed", eval_after, replicas_in_sync=in_sync, **extra)
     tracker.summary({f"final/eval_{k}": v for k, v in (eval_after or {}).items()}
                     | {f"final/eval_before_{k}": v for k, v in (state.eval_before or {}).items()})
     tracker.finish()

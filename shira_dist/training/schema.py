@@ -9,6 +9,7 @@ overrides. Relative paths are resolved against the directory the job is started 
     task:        what is learned and scored (causal LM, label-word or head classification)
     data:        where examples come from (local files or a packaged data set, prepared)
     shira:       the adapter (ShiraConfig fields)
+    adapter:     shira | lora | dora (PEFT's LoRA/DoRA at the same budget, for an A/B); lora: its options
     training:    steps, batch, optimizer, schedule, precision, eval/log/save cadence, resume
     distributed: single | ddp | fsdp | deepspeed and their options
     tracking:    W&B (offline unless WANDB_API_KEY is set) or none
@@ -22,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 TaskType = Literal["causal_lm", "lm_classification", "sequence_classification"]
 Strategy = Literal["single", "ddp", "fsdp", "deepspeed"]
 Precision = Literal["auto", "fp32", "bf16"]
+ExampleFormat = Literal["auto", "template", "messages", "alpaca", "sharegpt", "prompt_completion"]
 
 
 @dataclass
@@ -34,19 +36,40 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # None: the model's own; "bytes": built-in byte tokenizer; or a local directory
     dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the frozen base weights
     cache_dir: Optional[str] = None  # converted models; None: $SHIRA_DIST_CACHE or ~/.cache/shira_dist
+    # The frozen base's linear layers quantized under the adapter (training/quantize.py): torchao
+    # int8_weight_only / int4_weight_only (CPU or CUDA), bitsandbytes nf4 (CUDA). lm_head, embeddings
+    # and modules_to_save stay float; the saved adapter is scored on the float base after training.
+    quantization: Optional[Literal["int8_weight_only", "int4_weight_only", "nf4"]] = None
 
 
 @dataclass
 class TaskConfig:
     type: TaskType = "causal_lm"
+    # How a row becomes an example (training/formats.py): template (the two templates below), messages
+    # (OpenAI role/content lists through the tokenizer's chat template), alpaca, sharegpt, prompt_completion.
+    # auto: from the columns (messages, conversations, instruction+output, prompt+completion, else template);
+    # a task that sets its own template, and every classification task, reads template rows.
+    format: ExampleFormat = "auto"
     # Python format string over an example's fields, e.g. "Review: {text}\nSentiment:".
     prompt_template: str = "{text}"
     # causal_lm only: the text the loss is taken on, after the prompt (None: loss on the whole prompt).
     response_template: Optional[str] = None
+    # messages/sharegpt: the loss on assistant turns only (TRL's SFTConfig name; TRL's default is false);
+    # false: on every token. alpaca and prompt_completion always take it on the response only.
+    assistant_only_loss: bool = True
     label_field: str = "label"  # classification: the field holding the label value
     labels: Optional[list[str]] = None  # classification: the label values, in class-index order
     label_words: Optional[list[str]] = None  # lm_classification: one single-token word per label, same order
     max_length: int = 128  # tokens per example (longer prompts are cut from the left of the text)
+    # causal_lm only (TRL's SFTConfig name): pack several training examples into each row of up to
+    # max_length tokens (best-fit decreasing), attention and loss kept inside each example
+    # (training/packing.py); micro_batch_size then counts packed rows. Evaluation stays one example per row.
+    packing: bool = False
+    # causal_lm only: prompts the model answers greedily before and after training (logged, and kept in
+    # <output_dir>/samples.json; training/samples.py), as user turns through the chat template when the
+    # task reads chat data. Strategies single and ddp (rank 0 generates); byte tokenizer not supported.
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_max_new_tokens: int = 48
 
 
 @dataclass
@@ -70,6 +93,16 @@ class ShiraSection:
     random_seed: Optional[int] = 0  # None: a fresh mask (rank 0's is broadcast to all ranks)
     modules_to_save: Optional[list[str]] = None  # trained in full and saved with the adapter (e.g. a head)
     calibration_batches: int = 4  # mask_type gradient/snip: training micro-batches scored to pick entries
+
+
+@dataclass
+class LoraSection:
+    """adapter: lora | dora only (PEFT's LoraConfig). Targets, modules_to_save and the budget come from
+    ``shira:``, so an A/B changes one key (training/lora_baseline.py)."""
+
+    r: Optional[int] = None  # None: shira.r, the equal budget (rank r's A and B hold r*(in+out) entries)
+    alpha: Optional[float] = None  # lora_alpha; None: 2*r, as PEFT's own LoRA baselines (r=32, alpha=64)
+    dropout: float = 0.0  # lora_dropout on the adapter's input, in [0, 1)
 
 
 @dataclass
@@ -109,6 +142,10 @@ class TrainingConfig:
     # torch threads per process: an int; "auto": one per idle core (cores minus the 1-minute load
     # average, at least 1: on a shared machine extra threads wait on each other); None: torch's default
     num_threads: Union[int, Literal["auto"], None] = None
+    # Activation checkpointing (HF TrainingArguments' name): each decoder layer keeps only its input in
+    # forward and recomputes the rest in backward (less memory, ~one more forward of compute); same
+    # losses and gradients. Under every strategy (strategies/common.py: enable_gradient_checkpointing).
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -152,6 +189,11 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     shira: ShiraSection = field(default_factory=ShiraSection)
+    # shira: SHiRA (this project); lora / dora: PEFT's LoRA / DoRA (LoraConfig(use_dora=True), which adds a
+    # magnitude vector of `out` entries per layer) on shira.target_modules at rank lora.r (default shira.r:
+    # the same trainable count as SHiRA's mask); shira.mask_type must stay random; strategies single and ddp
+    adapter: Literal["shira", "lora", "dora"] = "shira"
+    lora: LoraSection = field(default_factory=LoraSection)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # "none" is short for {backend: none}

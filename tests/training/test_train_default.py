@@ -72,8 +72,11 @@ def test_chatterbot_causal_lm_smoke(tmp_path):
     out = tmp_path / "chat"
     metrics = _train("smollm2_chatterbot.yaml", out, "training.max_steps=2", "training.micro_batch_size=2",
                      "data.max_eval_examples=4", "training.eval_batch_size=4", "task.max_length=48",
+                     "task.sample_max_new_tokens=4",
                      "shira.target_modules=model\\.layers\\.29\\.self_attn\\.(q|v)_proj")  # last layer: short backward
     assert metrics["status"] == "completed"
+    samples = json.loads((out / "samples.json").read_text())  # the recipe's prompts, answered before and after
+    assert samples["rendered_with_chat_template"] and len(samples["before"]) == len(samples["after"]) == 3
     before, after = metrics["eval_before"], metrics["eval_after"]
     assert before["tokens"] == after["tokens"] > 0 and 1.0 < after["perplexity"] < 1e4
     assert after["loss"] != before["loss"]
